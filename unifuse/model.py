@@ -1,0 +1,190 @@
+"""A network bound to a path and a parameterization: `uf.DiffusionModel(net, path, prediction)`.
+
+The model answers one question, "what are E[x0 | x_t] and E[noise | x_t]?", and every prediction kind
+is read off that pair by `parameterization.convert`. `model.on(other_path)` re-expresses the model on
+another path at equal log-SNR (NOTATION section 5): the pair is invariant, only time and scale change.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from .errors import UnifuseError, choose
+from .parameterization.convert import KINDS, PRECONDITIONED, Coefficients, coefficients, compute_dtype, from_pair, to_pair
+from .parameterization.precond import input_scale, x0_from_raw
+from .paths.base import Path, as_time
+
+PREDICTIONS = KINDS + PRECONDITIONED
+
+
+class Evaluation(NamedTuple):
+    """One network evaluation: the canonical pair, and the learned-variance fraction when present."""
+
+    x0: torch.Tensor
+    eps: torch.Tensor
+    var_frac: Optional[torch.Tensor] = None
+
+
+def batch_times(t, x: torch.Tensor) -> torch.Tensor:
+    """t as a float64 tensor of shape [batch] on x's device."""
+    t = as_time(t).to(device=x.device, dtype=torch.float64)
+    if t.ndim == 0:
+        return t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise UnifuseError(f"t must be a scalar or have shape [batch] = [{x.shape[0]}], got {tuple(t.shape)}")
+    return t
+
+
+class DiffusionModel(nn.Module):
+    """`net(x, t, **cond)` predicting `prediction` on `path`.
+
+    prediction: "eps", "x0", "v", "score", "velocity" (dx_t/dt), or a preconditioned form "edm",
+        "trigflow" (network output F, input x_t / sqrt(sigma^2 + alpha^2 sigma_data^2)) or
+        "consistency" (EDM scalings with the boundary condition x0 = x_t at sigma_edm = boundary).
+    time_input: maps native t to what the network receives (default: native t, as the API says;
+        the library's trained networks use `path.c_noise`).
+    scale_input: feed x_t / sqrt(sigma^2 + alpha^2 sigma_data^2) to the network (always on for the
+        preconditioned forms); keeps a network's input at unit scale on VE/EDM paths.
+    learned_variance: the network returns 2C channels, [prediction, v] with v in [-1, 1] giving the
+        Improved-DDPM interpolation between beta and beta_tilde (ALGORITHMS card 3).
+    """
+
+    def __init__(self, net: Callable, path: Path, prediction: str = "eps", *, sigma_data: float = 0.5,
+                 time_input: Optional[Callable] = None, scale_input: Optional[bool] = None,
+                 learned_variance: bool = False, boundary: Optional[float] = None):
+        super().__init__()
+        if not callable(net):
+            raise UnifuseError(f"net must be callable as net(x, t, **cond), got {type(net).__name__}")
+        if not isinstance(path, Path):
+            raise UnifuseError(f"path must be a unifuse path (e.g. uf.paths.get('vp-linear')), got {path!r}")
+        self.net = net
+        self.path = path
+        self.prediction = choose("prediction", prediction, PREDICTIONS)
+        self.sigma_data = float(sigma_data)
+        self.time_input = time_input
+        self.scale_input = prediction in PRECONDITIONED if scale_input is None else bool(scale_input)
+        self.learned_variance = bool(learned_variance)
+        if boundary is None:
+            boundary = float(path.sigma_edm(path.t_eps)) if path.t_eps > path.t_min else 0.0
+        self.boundary = float(boundary)
+
+    # --- the range of times the model may be evaluated at ----------------------------------
+    @property
+    def t_max(self) -> float:
+        return float(self.path.t_max)
+
+    @property
+    def t_eps(self) -> float:
+        return float(self.path.t_eps)
+
+    # --- evaluation ------------------------------------------------------------------------
+    def coefficients(self, t, x: torch.Tensor) -> Coefficients:
+        return coefficients(self.path, t, x)
+
+    def evaluate(self, x: torch.Tensor, t, **cond) -> Evaluation:
+        """Call the network once at (x_t, t) and return (x0_hat, eps_hat, var_frac)."""
+        t = batch_times(t, x)
+        c = self.coefficients(t, x)
+        x_in = x * input_scale(c, self.sigma_data).to(x.dtype) if self.scale_input else x
+        t_in = self.time_input(t) if self.time_input is not None else t
+        t_in = t_in.to(x.dtype if x.dtype == torch.float64 else torch.float32)
+        out = self.net(x_in, t_in, **cond)
+        if not isinstance(out, torch.Tensor):
+            raise UnifuseError(f"the network must return a tensor, got {type(out).__name__}")
+        var_frac = None
+        if self.learned_variance:
+            if out.ndim < 2 or out.shape[1] != 2 * x.shape[1]:
+                raise UnifuseError(f"a learned-variance network must return 2C = {2 * x.shape[1]} channels, got shape {tuple(out.shape)}")
+            out, v = out.chunk(2, dim=1)
+            var_frac = (v.to(compute_dtype(x)) + 1) / 2
+        if out.shape != x.shape:
+            raise UnifuseError(f"the network returned shape {tuple(out.shape)} for input shape {tuple(x.shape)}; "
+                               "it must return a tensor shaped like x")
+        xc = x.to(compute_dtype(x))
+        out = out.to(xc.dtype)
+        if self.prediction in PRECONDITIONED:
+            x0 = x0_from_raw(self.prediction, out, xc, c, self.sigma_data, self.boundary)
+            # eps is undefined at sigma = 0 (x_t is the data there); report 0 without a host sync.
+            pos = c.sigma > 0
+            eps = torch.where(pos, (xc - c.alpha * x0) / torch.where(pos, c.sigma, torch.ones_like(c.sigma)), torch.zeros_like(x0))
+            return Evaluation(x0, eps, var_frac)
+        x0, eps = to_pair(self.prediction, out, xc, c, self.sigma_data)
+        return Evaluation(x0, eps, var_frac)
+
+    def pair(self, x: torch.Tensor, t, **cond):
+        """(x0_hat, eps_hat) at (x_t, t)."""
+        e = self.evaluate(x, t, **cond)
+        return e.x0, e.eps
+
+    def predict(self, x: torch.Tensor, t, kind: str = "x0", **cond) -> torch.Tensor:
+        """Any prediction kind (eps, x0, v, score, velocity, edm, trigflow), converted exactly."""
+        choose("prediction kind", kind, KINDS + ("edm", "trigflow"))
+        t = batch_times(t, x)
+        x0, eps = self.pair(x, t, **cond)
+        return from_pair(kind, x0, eps, x.to(x0.dtype), self.coefficients(t, x), self.sigma_data)
+
+    def denoise(self, x: torch.Tensor, t, **cond) -> torch.Tensor:
+        """E[x0 | x_t]."""
+        return self.pair(x, t, **cond)[0]
+
+    def forward(self, x: torch.Tensor, t, **cond) -> torch.Tensor:
+        return self.denoise(x, t, **cond)
+
+    def on(self, path: Path) -> "DiffusionModel":
+        """The same model seen on `path`: time change and rescaling at equal log-SNR."""
+        return ReexpressedModel(self, path)
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}, prediction={self.prediction!r}"
+
+
+class ReexpressedModel(DiffusionModel):
+    """`source` evaluated on another path at equal log-SNR (NOTATION section 5):
+    t_A = t_from_log_snr_A(log_snr_B(t_B)), x_A = x_B * |(alpha_A, sigma_A)| / |(alpha_B, sigma_B)|,
+    and (x0_hat, eps_hat) are the same on both paths."""
+
+    def __init__(self, source: DiffusionModel, path: Path):
+        nn.Module.__init__(self)
+        while isinstance(source, ReexpressedModel):  # map from the original path, once
+            source = source.source
+        if not isinstance(path, Path):
+            raise UnifuseError(f"on() needs a unifuse path, got {path!r}")
+        self.source, self.path = source, path
+        self.prediction, self.sigma_data, self.learned_variance = source.prediction, source.sigma_data, source.learned_variance
+        self.time_input, self.scale_input, self.boundary = None, False, source.boundary
+
+    @property
+    def net(self):
+        return self.source.net
+
+    def source_time(self, t: torch.Tensor) -> torch.Tensor:
+        return self.source.path.t_from_log_snr(self.path.log_snr(t))
+
+    @property
+    def t_max(self) -> float:
+        lam = self.source.path.log_snr(torch.tensor(self.source.t_max, dtype=torch.float64))
+        return min(float(self.path.t_max), float(self.path.t_from_log_snr(lam)))
+
+    @property
+    def t_eps(self) -> float:
+        lam = self.source.path.log_snr(torch.tensor(self.source.t_eps, dtype=torch.float64))
+        t = float(self.path.t_from_log_snr(lam))
+        return max(float(self.path.t_eps), t if math.isfinite(t) else float(self.path.t_eps))
+
+    def evaluate(self, x: torch.Tensor, t, **cond) -> Evaluation:
+        t = batch_times(t, x)
+        if t.device.type == "cpu" and bool((t > self.t_max + 1e-9).any()):
+            raise UnifuseError(f"t = {float(t.max())} is beyond the noise end of the source model on this path "
+                               f"(t_max = {self.t_max}); sample from model.t_max or below")
+        t_src = self.source_time(t)
+        a, s = self.path.alpha(t), self.path.sigma(t)
+        a_src, s_src = self.source.path.alpha(t_src), self.source.path.sigma(t_src)
+        scale = torch.sqrt((a_src**2 + s_src**2) / (a**2 + s**2))
+        x_src = x * scale.to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+        return self.source.evaluate(x_src, t_src, **cond)
+
+    def extra_repr(self) -> str:
+        return f"source={self.source.path!r} -> path={self.path!r}, prediction={self.prediction!r}"
