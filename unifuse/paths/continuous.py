@@ -83,7 +83,7 @@ class VPCosine(_VariancePreserving):
     def _log_alpha(self, t):
         # cos(phi) written as sin(pi/2 - phi) so that alpha(1) is exactly 0.
         k = HALF_PI / (1.0 + self.s)
-        return torch.log(torch.sin((1.0 - t) * k)) - math.log(math.cos(self.s * k))
+        return (torch.log(torch.sin((1.0 - t) * k)) - math.log(math.cos(self.s * k))).clamp(max=0.0)
 
     def _d_log_alpha(self, t):
         k = HALF_PI / (1.0 + self.s)

@@ -86,9 +86,11 @@ def time_grid(path: Path, steps: int, spacing="uniform", *, rho: float = 7.0, sh
         n_pts = steps
     else:  # shift: uniform in rectified-flow time, shifted toward noise, mapped at equal SNR
         lo, hi = _edm_range(path, sigma_min, sigma_max, t_max) if not end_is_data else (0.0, float(path.sigma_edm(top)))
+        # the shift maps [0, 1] onto itself; invert it at both ends so the grid spans exactly [lo, hi]
+        unshift = lambda v: v / (shift - (shift - 1) * v)
         rf_hi = hi / (1 + hi) if math.isfinite(hi) else 1.0
         rf_lo = lo / (1 + lo)
-        u = torch.linspace(rf_hi, rf_lo, n_pts, dtype=F64)
+        u = torch.linspace(unshift(rf_hi), unshift(rf_lo), n_pts, dtype=F64)
         u = shift * u / (1 + (shift - 1) * u)
         ts = path.t_from_sigma_edm(u / (1 - u))
     if n_pts == steps:
