@@ -6,7 +6,11 @@
 """
 from . import parameterization, paths
 from .errors import UnifuseError
+from .likelihood import bits_per_dim, log_likelihood
 from .model import DiffusionModel
+from . import samplers  # noqa: E402
+from .sampling import sample  # noqa: E402
+from . import guidance  # noqa: E402  (classifier_free, autoguidance, classifier_guidance)
 
 __version__ = "0.1.0"
 

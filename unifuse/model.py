@@ -28,6 +28,15 @@ class Evaluation(NamedTuple):
     var_frac: Optional[torch.Tensor] = None
 
 
+class Prepared(NamedTuple):
+    """The part of one evaluation that depends on t only (see `DiffusionModel.prepare`)."""
+
+    t: torch.Tensor
+    coef: Coefficients
+    t_in: torch.Tensor
+    x_scale: Optional[torch.Tensor]
+
+
 def batch_times(t, x: torch.Tensor) -> torch.Tensor:
     """t as a float64 tensor of shape [batch] on x's device."""
     t = as_time(t).to(device=x.device, dtype=torch.float64)
@@ -84,14 +93,41 @@ class DiffusionModel(nn.Module):
     def coefficients(self, t, x: torch.Tensor) -> Coefficients:
         return coefficients(self.path, t, x)
 
-    def evaluate(self, x: torch.Tensor, t, **cond) -> Evaluation:
-        """Call the network once at (x_t, t) and return (x0_hat, eps_hat, var_frac)."""
+    def prepare(self, t, x: torch.Tensor) -> "Prepared":
+        """Everything `evaluate` needs that depends on t alone; samplers compute it once per grid time."""
         t = batch_times(t, x)
         c = self.coefficients(t, x)
-        x_in = x * input_scale(c, self.sigma_data).to(x.dtype) if self.scale_input else x
+        x_scale = input_scale(c, self.sigma_data).to(x.dtype) if self.scale_input else None
         t_in = self.time_input(t) if self.time_input is not None else t
         t_in = t_in.to(x.dtype if x.dtype == torch.float64 else torch.float32)
-        out = self.net(x_in, t_in, **cond)
+        return Prepared(t, c, t_in, x_scale)
+
+    def prepare_grid(self, ts, x: torch.Tensor) -> list:
+        """`prepare` for each time of the 1-D grid `ts` at once (one vectorized schedule computation)."""
+        ts = as_time(ts).to(torch.float64).flatten().cpu()
+        n, B, ones = ts.numel(), x.shape[0], (1,) * (x.ndim - 1)
+        coef = torch.stack(self.path.coefficients(ts), 1).to(x.device, compute_dtype(x))  # [n, 4]
+        coef = coef.reshape((n, 4, 1) + ones).expand((n, 4, B) + ones).unbind(0)       # n x [4, B, 1, ...]
+        t_dev = ts.to(x.device)
+        t_in = self.time_input(t_dev) if self.time_input is not None else t_dev
+        t_in = t_in.to(x.dtype if x.dtype == torch.float64 else torch.float32)
+        times, inputs = t_dev[:, None].expand(n, B).unbind(0), t_in[:, None].expand(n, B).unbind(0)
+        out = []
+        for k in range(n):
+            c = Coefficients(*coef[k].unbind(0))
+            x_scale = input_scale(c, self.sigma_data).to(x.dtype) if self.scale_input else None
+            out.append(Prepared(times[k], c, inputs[k], x_scale))
+        return out
+
+    def evaluate(self, x: torch.Tensor, t, **cond) -> Evaluation:
+        """Call the network once at (x_t, t) and return (x0_hat, eps_hat, var_frac)."""
+        return self.evaluate_prepared(x, self.prepare(t, x), **cond)
+
+    def evaluate_prepared(self, x: torch.Tensor, prepared: "Prepared", **cond) -> Evaluation:
+        """`evaluate` with the time-only work done in advance by `prepare(t, x)` (same x shape)."""
+        c = prepared.coef
+        x_in = x * prepared.x_scale if prepared.x_scale is not None else x
+        out = self.net(x_in, prepared.t_in, **cond)
         if not isinstance(out, torch.Tensor):
             raise UnifuseError(f"the network must return a tensor, got {type(out).__name__}")
         var_frac = None
@@ -174,7 +210,8 @@ class ReexpressedModel(DiffusionModel):
         t = float(self.path.t_from_log_snr(lam))
         return max(float(self.path.t_eps), t if math.isfinite(t) else float(self.path.t_eps))
 
-    def evaluate(self, x: torch.Tensor, t, **cond) -> Evaluation:
+    def prepare(self, t, x: torch.Tensor):
+        """(x scale, source time, the source's own prepared evaluation or None)."""
         t = batch_times(t, x)
         if t.device.type == "cpu" and bool((t > self.t_max + 1e-9).any()):
             raise UnifuseError(f"t = {float(t.max())} is beyond the noise end of the source model on this path "
@@ -183,8 +220,29 @@ class ReexpressedModel(DiffusionModel):
         a, s = self.path.alpha(t), self.path.sigma(t)
         a_src, s_src = self.source.path.alpha(t_src), self.source.path.sigma(t_src)
         scale = torch.sqrt((a_src**2 + s_src**2) / (a**2 + s**2))
-        x_src = x * scale.to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-        return self.source.evaluate(x_src, t_src, **cond)
+        scale = scale.to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+        # a source with its own evaluate (e.g. a guided model) is called through it
+        fast = type(self.source).evaluate is DiffusionModel.evaluate
+        return scale, t_src, (self.source.prepare(t_src, x) if fast else None)
+
+    def prepare_grid(self, ts, x: torch.Tensor) -> list:
+        ts = as_time(ts).to(torch.float64).flatten().cpu()
+        if bool((ts > self.t_max + 1e-9).any()):
+            raise UnifuseError(f"t = {float(ts.max())} is beyond the noise end of the source model on this path "
+                               f"(t_max = {self.t_max}); sample from model.t_max or below")
+        t_src = self.source_time(ts)
+        a, s = self.path.alpha(ts), self.path.sigma(ts)
+        a_src, s_src = self.source.path.alpha(t_src), self.source.path.sigma(t_src)
+        scale = torch.sqrt((a_src**2 + s_src**2) / (a**2 + s**2)).to(x.device, x.dtype)
+        fast = type(self.source).evaluate is DiffusionModel.evaluate
+        src = self.source.prepare_grid(t_src, x) if fast else [None] * ts.numel()
+        return [(scale[k], t_src[k], src[k]) for k in range(ts.numel())]
+
+    def evaluate_prepared(self, x: torch.Tensor, prepared, **cond) -> Evaluation:
+        scale, t_src, src = prepared
+        if src is None:
+            return self.source.evaluate(x * scale, t_src, **cond)
+        return self.source.evaluate_prepared(x * scale, src, **cond)
 
     def extra_repr(self) -> str:
         return f"source={self.source.path!r} -> path={self.path!r}, prediction={self.prediction!r}"

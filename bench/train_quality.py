@@ -1,0 +1,183 @@
+"""Training quality per CPU minute: for each family on digits and MNIST-5k, the Frechet distance (classifier
+features) of samples to the held-out split after a fixed CPU time, beside the real-vs-real floor with the same
+number of images, and the peak memory of the run.
+
+    python bench/train_quality.py                                  # digits, 5 min per family, 1 thread
+    python bench/train_quality.py --datasets mnist --minutes 20    # the MNIST-5k sweep
+    python bench/train_quality.py --families edm rf --minutes 2 --set optim.lr=2e-3
+
+Each (family, data set) runs in its own process (so peak memory is per run); results go to
+docs/benchmarks/training.md (and a JSON file beside it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAMILIES = ("ddpm", "iddpm", "vpsde", "vesde", "edm", "rf", "trigflow", "ct")
+
+
+def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe: int, sampler: str | None,
+            overrides: list, out: str, precision: str | None) -> dict:
+    """Train `dataset-family` for `minutes` of wall-clock time, sample n images, measure them."""
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.path.insert(0, ROOT)
+    from unifuse.config import apply_overrides, get_config
+    from unifuse.training import load_model, train
+    from unifuse.training.checkpoint import find_checkpoint, read_meta
+    from unifuse.training.demo import heldout_fd
+    from unifuse.training.sampling import generate
+
+    name = dataset if family == "default" else f"{dataset}-{family}"
+    cfg = get_config(name, overrides)
+    # A fixed time budget: the step count is what fits; for ECT the stage length follows from the rate measured
+    # on a few warm-up steps, so that its schedule spans the run as in the preset.
+    rate = measure_rate(cfg)
+    steps = max(10, int(rate * minutes * 60))
+    extra = [f"train.steps={steps}", f"train.minutes={minutes}", "train.device=cpu", f"train.ckpt_every={steps}"]
+    if precision:
+        extra.append(f"train.precision={precision}")
+    if cfg.objective.name == "ct":
+        extra.append(f"objective.options.stage_every={max(1, steps // 8)}")
+    cfg = apply_overrides(cfg, extra)
+    if os.path.exists(out):
+        import shutil
+        shutil.rmtree(out)
+    t0 = time.time()
+    summary = train(cfg, out, progress=False, log=lambda *a: None)
+    train_s = time.time() - t0
+    model, cfg = load_model(out)
+    info = read_meta(find_checkpoint(out))["data"]
+    t0 = time.time()
+    x, labels = generate(model, cfg, info, n, seed=0, sampler=sampler, nfe=nfe)
+    sample_s = time.time() - t0
+    report = heldout_fd(x, info["name"])
+    report.update(family=family, dataset=dataset, preset=name, steps=summary["step"], train_s=round(train_s, 1),
+                  sample_s=round(sample_s, 1), sampler=sampler or cfg.sample.sampler, nfe=nfe, n=n, threads=threads,
+                  precision=cfg.train.precision, loss=summary["loss"],
+                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    try:
+        from unifuse.metrics import evaluate_images
+        ev = evaluate_images(x, info["name"])
+        report.update(fd_train=ev["fd"], precision_knn=ev["precision"], recall_knn=ev["recall"], class_hist=ev["class_hist"])
+    except Exception as err:  # metrics are a bonus here
+        report["metrics_error"] = str(err)
+    from unifuse.viz import save_image_grid
+    save_image_grid(x[:100], os.path.join(out, "grid.png"), nrow=10)
+    report["grid"] = os.path.relpath(os.path.join(out, "grid.png"), ROOT)
+    return report
+
+
+def measure_rate(cfg, steps: int = 4) -> float:
+    """Optimizer steps per second of this config on this process's threads (after one warm-up step)."""
+    import torch
+
+    from unifuse.training.build import build_data, build_model, build_net, build_objective, data_info
+
+    data = build_data(cfg)
+    net = build_net(cfg, data_info(data))
+    model, objective = build_model(cfg, net), build_objective(cfg, data)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x = data.images[: cfg.data.batch]
+    cond = {"class_labels": data.labels[: cfg.data.batch]} if cfg.data.cond == "class" else {}
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    for i in range(steps + 1):
+        if i == 1:
+            t0 = time.time()
+        with autocast:
+            loss = objective(model, x, cond, generator=g).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return steps / (time.time() - t0)
+
+
+def write_markdown(results: list, path: str, command: str, note: str) -> None:
+    lines = ["# Training quality per CPU minute", "",
+             "Date 2026-11-23; machine: 2-core x86_64 CPU, torch 2.13 CPU.", "",
+             f"Command: `{command}`", "", note, "",
+             "FD: Frechet distance between classifier features (the shipped digits / MNIST classifiers of "
+             "`unifuse.metrics`) of the samples and of the whole held-out split; floor: the same distance for as "
+             "many training images as samples. Both sides use the same image counts, so ratio = FD / floor is 1 "
+             "for a perfect model.", "",
+             "| data | family | steps | train s | sampler | NFE | n | FD held-out | floor | ratio | peak RSS MB | grid |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['dataset']} | {r['family']} | | | | | | error: {r['error']} | | | | |")
+            continue
+        lines.append(f"| {r['dataset']} | {r['family']} | {r['steps']} | {r['train_s']} | {r['sampler']} | {r['nfe']} | "
+                     f"{r['n']} | {r['fd_heldout']:.3f} | {r['fd_floor']:.3f} | {r['fd_ratio']:.2f} | {r['peak_rss_mb']} | "
+                     f"{r['grid']} |")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=["digits"], choices=["digits", "mnist"])
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES) + ["default"])
+    p.add_argument("--minutes", type=float, help="training minutes per run (default: 5 digits, 20 mnist)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--n", type=int, default=1000, help="samples per run")
+    p.add_argument("--nfe", type=int, default=20)
+    p.add_argument("--sampler", help="sampler for every family (default: each preset's; ct uses consistency at its NFE)")
+    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "bench-train"))
+    p.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "training.md"))
+    p.add_argument("--note", default="")
+    p.add_argument("--one", nargs=2, metavar=("FAMILY", "DATASET"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.one:
+        family, dataset = args.one
+        minutes = args.minutes or (5.0 if dataset == "digits" else 20.0)
+        nfe = args.nfe if family != "ct" else 2
+        r = run_one(family, dataset, minutes, args.threads, args.n, nfe, args.sampler if family != "ct" else None,
+                    args.overrides, os.path.join(args.runs, f"{dataset}-{family}"), args.precision)
+        print("RESULT " + json.dumps(r))
+        return 0
+
+    results = []
+    for dataset in args.datasets:
+        for family in args.families:
+            cmd = [sys.executable, os.path.abspath(__file__), "--one", family, dataset, "--threads", str(args.threads),
+                   "--n", str(args.n), "--nfe", str(args.nfe), "--runs", args.runs]
+            for flag, value in (("--minutes", args.minutes), ("--sampler", args.sampler), ("--precision", args.precision)):
+                if value is not None:
+                    cmd += [flag, str(value)]
+            for o in args.overrides:
+                cmd += ["--set", o]
+            print(f"== {dataset}-{family}", flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                err = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+                results.append({"dataset": dataset, "family": family, "error": err})
+                print("   error:", err, flush=True)
+                continue
+            r = json.loads(line[-1][7:])
+            results.append(r)
+            print(f"   steps {r['steps']}, FD {r['fd_heldout']:.3f}, floor {r['fd_floor']:.3f}, ratio {r['fd_ratio']:.2f}, "
+                  f"peak {r['peak_rss_mb']} MB", flush=True)
+            with open(os.path.splitext(args.out)[0] + ".json", "w") as fh:
+                json.dump(results, fh, indent=1)
+    command = "python bench/train_quality.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+    write_markdown(results, args.out, command.strip(), args.note)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Data sets: counts, value maps and padding, a deterministic disjoint stratified split, folders of images with a
+cache, and toy densities that integrate to one and agree with their samples."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from unifuse.data import (TOY_ENTROPY, TOYS, Checkerboard, from_uint8, load_dataset, sample_toy, split_indices,
+                          to_uint8, toy_density, toy_entropy)
+from unifuse.errors import UnifuseError
+
+
+@pytest.mark.parametrize("name,n,shape,pad", [("digits", 1797, (1, 8, 8), 0), ("mnist", 5000, (1, 32, 32), 2)])
+def test_bundled_images_counts_ranges_and_split(name, n, shape, pad):
+    full, train, held = (load_dataset(name, s) for s in ("all", "train", "heldout"))
+    assert len(full) == n and len(train) + len(held) == n and full.shape == shape and full.pad == pad
+    assert full.num_classes == 10 and full.labels.dtype == torch.long
+    assert float(full.images.min()) == -1.0 and float(full.images.max()) == 1.0
+    if pad:  # the 28x28 images sit in a border of background -1
+        assert bool((full.images[:, :, :pad] == -1).all()) and bool((full.images[:, :, :, -pad:] == -1).all())
+    # held-out = 15% of every class, disjoint from train, and the same on every call
+    idx_train, idx_held = (split_indices(n, full.labels.numpy(), s) for s in ("train", "heldout"))
+    assert len(np.intersect1d(idx_train, idx_held)) == 0 and len(np.union1d(idx_train, idx_held)) == n
+    np.testing.assert_array_equal(idx_held, split_indices(n, full.labels.numpy(), "heldout"))
+    counts, held_counts = np.bincount(full.labels), np.bincount(held.labels)
+    assert np.all(np.abs(held_counts - 0.15 * counts) <= 0.5 + 1e-9)
+    torch.testing.assert_close(held.images, full.images[idx_held])
+
+
+def test_value_maps_and_uint8_round_trip():
+    from sklearn.datasets import load_digits
+    raw = load_digits()
+    digits = load_dataset("digits", "all")
+    torch.testing.assert_close(digits.images[:, 0], torch.as_tensor(raw.images, dtype=torch.float32) / 8 - 1)
+    mnist = load_dataset("mnist", "heldout")
+    u = mnist.to_uint8(mnist.images)
+    assert u.shape == (len(mnist), 28, 28, 1) and u.dtype == np.uint8
+    torch.testing.assert_close(from_uint8(u, mnist.pad), mnist.images, atol=1 / 127.5, rtol=0)
+    assert to_uint8(torch.tensor([[[[-3.0, 1.0]]]])).tolist() == [[[[0], [255]]]]  # clamped to the range
+
+
+def test_folder_of_images_with_class_subfolders_and_cache(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    name, cache = f"folder:{tmp_path / 'imgs'}", tmp_path / "cache"
+    full = load_dataset(name, "all", size=16, cache_dir=str(cache))
+    assert full.shape == (3, 16, 16) and full.num_classes == 2 and full.class_names == ("cats", "dogs")
+    assert full.labels.tolist() == [0] * 10 + [1] * 10 and float(full.images.abs().max()) <= 1.0
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    again = load_dataset(name, "all", size=16, cache_dir=str(cache))          # read back from the cache
+    torch.testing.assert_close(again.images, full.images)
+    gray = load_dataset(name, "heldout", size=8, channels=1, cache_dir=str(cache))
+    assert gray.shape == (1, 8, 8) and len(gray) == 4 and len(list(cache.glob("*.safetensors"))) == 2
+    with pytest.raises(UnifuseError, match="does not exist"):
+        load_dataset(f"folder:{tmp_path / 'nope'}")
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(UnifuseError, match="digits.*mnist|mnist.*digits"):
+        load_dataset("cifar")
+    with pytest.raises(UnifuseError, match="heldout"):
+        load_dataset("digits", "test")
+
+
+@pytest.mark.parametrize("name", ["moons", "8gaussians", "swissroll"])
+def test_toy_mixture_density_integrates_to_one(name):
+    density = toy_density(name)
+    h = 0.1  # midpoint rule: for Gaussians of std 0.2-0.35 its error is far below the tolerance
+    g = torch.arange(-5.0, 5.0, h, dtype=torch.float64) + h / 2
+    grid = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    mass = float(torch.cat([density.log_prob(c).exp() for c in grid.split(20_000)]).sum()) * h * h
+    assert abs(mass - 1) < 2e-3
+
+
+@pytest.mark.parametrize("name", sorted(TOYS))
+def test_toy_samples_match_their_density(name):
+    x = sample_toy(name, 4000, torch.Generator().manual_seed(0))
+    assert x.shape == (4000, 2) and x.dtype == torch.float32 and float(x.abs().max()) < 5
+    # the cross-entropy of fresh samples under the exact density is the stored entropy (Monte Carlo error only)
+    logp = toy_density(name).log_prob(x.double())
+    assert bool(torch.isfinite(logp).all())
+    assert abs(float(-logp.mean()) - TOY_ENTROPY[name]) < 4 * float(logp.std()) / math.sqrt(4000) + 1e-9
+    assert abs(toy_entropy(name, n=4000, seed=3) - toy_entropy(name)) < 0.06
+
+
+def test_checkerboard_density_and_labels():
+    cb = Checkerboard()
+    x, labels = cb.sample(8000, torch.Generator().manual_seed(0))
+    assert bool((cb.log_prob(x) == -math.log(32)).all())
+    uniform = torch.rand(20_000, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 8 - 4
+    on = torch.isfinite(cb.log_prob(uniform)).double().mean()
+    assert abs(float(on) - 0.5) < 0.015                          # half of [-4, 4]^2 is black squares
+    cell = torch.floor(x / 2)
+    assert torch.equal((cell[:, 0] + 2).long() + 4 * ((cell[:, 1] + 2).long() // 2), labels)  # label = square index
+    assert np.bincount(labels.numpy(), minlength=8).min() > 800
+    _, moon = sample_toy("moons", 1000, torch.Generator().manual_seed(0), labels=True)
+    assert set(moon.tolist()) == {0, 1}

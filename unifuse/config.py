@@ -1,0 +1,396 @@
+"""Run configuration: typed frozen dataclasses, named presets, dotted overrides, YAML (DESIGN rule 10).
+
+Pure data: nothing here builds a network or touches a file system except `load_config`/`save_config`.
+The core library never imports this module; `unifuse.training` and `unifuse.cli` read it.
+
+    cfg = get_config("digits", overrides=["optim.lr=2e-3", "train.steps=500"])
+    save_config(cfg, "run/config.yaml"); cfg == load_config("run/config.yaml")
+
+Overrides are strict: an unknown key, a value of the wrong type or a contradictory combination stops
+with one message naming the key and the valid choices (no setting is ever silently ignored).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping, Sequence
+
+from .errors import UnifuseError, choose
+
+FAMILIES = ("ddpm", "iddpm", "vpsde", "vesde", "edm", "rf", "trigflow", "ct")
+OBJECTIVES = ("ddpm", "hybrid", "dsm", "edm", "flow", "trigflow", "ct")
+CONDITIONS = ("none", "class", "text")
+PRECISIONS = ("fp32", "bf16")
+TOYS = ("moons", "8gaussians", "checkerboard", "swissroll")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"            # a unifuse.data data set: digits, mnist, moons, 8gaussians, folder:<path>, ...
+    batch: int = 128                # images per optimizer step, over all processes and accumulation rounds
+    cond: str = "none"              # none | class | text
+    p_uncond: float = 0.1           # label dropout: a label becomes -1 (the null class) with this probability
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str = "edm"             # ddpm | iddpm | vpsde | vesde | edm | rf | trigflow | ct
+    net: str = "unet-digits"        # a unifuse.nets preset
+    net_options: dict = field(default_factory=dict)   # keyword overrides for build_net
+    path: str = "edm"               # a uf.paths name
+    path_options: dict = field(default_factory=dict)
+    prediction: str = "edm"         # eps | x0 | v | score | velocity | edm | trigflow | consistency
+    sigma_data: float = 0.5
+    learned_variance: bool = False
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    name: str = "edm"               # ddpm | hybrid | dsm | edm | flow | trigflow | ct
+    options: dict = field(default_factory=dict)       # keyword arguments of the objective (see unifuse.objectives)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100         # linear warm-up from 0
+    decay_after: int = 0            # > 0: lr * sqrt(decay_after / step) after that step (EDM2); 0: constant
+    grad_clip: float = 1.0          # max global gradient norm; 0 disables
+    accumulate: int = 1             # micro-batches per optimizer step
+    ema_halflife: float = 10000.0   # EMA half-life in images (EDM)
+    ema_rampup: float = 0.1         # half-life is at most this fraction of the images seen so far
+    posthoc_ema: bool = False       # keep EDM2 power-function EMA snapshots for post-hoc reconstruction
+    posthoc_every: int = 500        # snapshot interval in steps
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 4000               # total optimizer steps of the run
+    minutes: float = 0.0            # wall-clock budget; 0 means none (the run stops at whichever comes first)
+    seed: int = 0
+    log_every: int = 25
+    sample_every: int = 0           # a sample grid every N steps (0: only at the end)
+    ckpt_every: int = 500
+    keep: int = 2                   # checkpoints kept on disk
+    precision: str = "fp32"         # fp32 | bf16 (autocast)
+    compile: bool = False           # torch.compile the network (GPU)
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    threads: int = 0                # CPU threads per process; 0 leaves torch's default
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sampler: str = "heun"
+    nfe: int = 20
+    spacing: str = ""               # "" = the sampler's default grid
+    grid: int = 64                  # images in the training grids
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    n: int = 1000                   # samples for the Frechet distance
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "custom"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --- families and presets ---------------------------------------------------------------------
+
+# family -> (path, prediction, objective, learned variance, objective options, sampler, nfe)
+FAMILY_PARTS = {
+    "ddpm":     ("ddpm-linear", "eps", "ddpm", False, {}, "dpmpp_2m", 20),
+    "iddpm":    ("ddpm-cosine", "eps", "hybrid", True, {}, "dpmpp_2m", 20),
+    "vpsde":    ("vp-linear", "eps", "dsm", False, {}, "dpmpp_2m", 20),
+    "vesde":    ("ve", "eps", "dsm", False, {}, "dpmpp_2m", 20),
+    "edm":      ("edm", "edm", "edm", False, {}, "dpmpp_2m", 20),
+    "rf":       ("rf", "velocity", "flow", False, {}, "dpmpp_2m", 20),
+    "trigflow": ("trigflow", "trigflow", "trigflow", False, {}, "dpmpp_2m", 20),
+    "ct":       ("edm", "consistency", "ct", False, {"schedule": "ect"}, "consistency", 2),
+}
+
+# dataset -> (net, batch, lr, steps, EMA half-life in images, sigma_data)
+DATASET_PARTS = {
+    "digits": ("unet-digits", 128, 2e-3, 4000, 20000.0, 0.5),
+    "mnist":  ("unet-mnist", 64, 1e-3, 6000, 20000.0, 0.5),
+    "toy":    ("mlp-toy", 256, 2e-3, 2000, 20000.0, 0.5),
+}
+DEFAULT_FAMILY = {"digits": "edm", "mnist": "edm", "toy": "edm"}
+CT_STAGE_FRACTION = 8          # ECT: the consistency gap halves 8 times over the preset's steps
+
+
+def family_config(family: str, dataset: str = "digits", *, cond: str = "none", name: str | None = None) -> Config:
+    """A preset: `family` (FAMILIES) on `dataset` (digits, mnist or a toy name), optionally conditional."""
+    choose("family", family, FAMILY_PARTS)
+    kind = "toy" if dataset in TOYS or dataset.startswith("toy-") else choose("dataset", dataset, DATASET_PARTS)
+    data_name = dataset.removeprefix("toy-")
+    path, prediction, objective, learned_variance, options, sampler, nfe = FAMILY_PARTS[family]
+    net, batch, lr, steps, halflife, sigma_data = DATASET_PARTS[kind]
+    options = dict(options)
+    if family == "ct":
+        options["stage_every"] = max(1, steps // CT_STAGE_FRACTION)
+    path_options = {"sigma_d": sigma_data} if path == "trigflow" else {}
+    if kind == "toy":
+        sampler, nfe = ("consistency", 2) if family == "ct" else ("heun", 31)
+    cfg = Config(
+        name=name or f"{dataset}-{family}",
+        description=f"{family} on {data_name}" + ("" if cond == "none" else f", {cond}-conditional"),
+        data=DataConfig(name=data_name, batch=batch, cond=cond, p_uncond=0.1),
+        model=ModelConfig(family=family, net=net, path=path, path_options=path_options, prediction=prediction,
+                          sigma_data=sigma_data, learned_variance=learned_variance),
+        objective=ObjectiveConfig(name=objective, options=options),
+        optim=OptimConfig(lr=lr, ema_halflife=halflife, warmup_steps=min(200, steps // 10)),
+        train=TrainConfig(steps=steps, ckpt_every=max(100, steps // 8), log_every=max(1, min(25, steps // 100))),
+        sample=SampleConfig(sampler=sampler, nfe=nfe),
+    )
+    return validate(cfg)
+
+
+def _presets() -> dict:
+    out = {}
+    for ds in ("digits", "mnist"):
+        out[ds] = replace(family_config(DEFAULT_FAMILY[ds], ds, name=ds),
+                          description=f"the default {ds} model ({DEFAULT_FAMILY[ds]})")
+        for fam in FAMILIES:
+            out[f"{ds}-{fam}"] = family_config(fam, ds)
+        out[f"{ds}-cond"] = family_config(DEFAULT_FAMILY[ds], ds, cond="class", name=f"{ds}-cond")
+        out[f"{ds}-text"] = family_config(DEFAULT_FAMILY[ds], ds, cond="text", name=f"{ds}-text")
+    for toy in TOYS:
+        out[f"toy-{toy}"] = family_config(DEFAULT_FAMILY["toy"], toy, name=f"toy-{toy}")
+    return out
+
+
+# --- validation -------------------------------------------------------------------------------
+
+def validate(cfg: Config) -> Config:
+    """Reject unknown names and contradictory settings with one clear message; return cfg."""
+    m, o, t, d = cfg.model, cfg.objective, cfg.train, cfg.data
+    choose("family", m.family, FAMILY_PARTS)
+    choose("objective", o.name, OBJECTIVES)
+    choose("data.cond", d.cond, CONDITIONS)
+    choose("train.precision", t.precision, PRECISIONS)
+    checks = [
+        (d.batch >= 1, f"data.batch must be >= 1, got {d.batch}"),
+        (0.0 <= d.p_uncond < 1.0, f"data.p_uncond must be in [0, 1), got {d.p_uncond}"),
+        (cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}"),
+        (cfg.optim.accumulate >= 1, f"optim.accumulate must be >= 1, got {cfg.optim.accumulate}"),
+        (d.batch % cfg.optim.accumulate == 0,
+         f"data.batch ({d.batch}) must be divisible by optim.accumulate ({cfg.optim.accumulate})"),
+        (cfg.optim.ema_halflife >= 0, f"optim.ema_halflife must be >= 0, got {cfg.optim.ema_halflife}"),
+        (t.steps >= 0, f"train.steps must be >= 0, got {t.steps}"),
+        (t.minutes >= 0, f"train.minutes must be >= 0, got {t.minutes}"),
+        (cfg.sample.nfe >= 1, f"sample.nfe must be >= 1, got {cfg.sample.nfe}"),
+        (m.sigma_data > 0, f"model.sigma_data must be > 0, got {m.sigma_data}"),
+        ((o.name == "hybrid") == m.learned_variance,
+         "objective 'hybrid' and model.learned_variance=true go together (Improved DDPM); "
+         f"got objective {o.name!r} with learned_variance={m.learned_variance}"),
+        (not m.learned_variance or m.path.startswith("ddpm"),
+         f"a learned variance needs a discrete DDPM path (ddpm-linear, ddpm-cosine), got {m.path!r}"),
+        (o.name != "ddpm" or m.path.startswith("ddpm"),
+         f"objective 'ddpm' samples integer steps and needs a DDPM path, got {m.path!r}; use 'dsm' for continuous paths"),
+        ((o.name == "ct") == (m.prediction == "consistency"),
+         f"objective 'ct' and prediction 'consistency' go together; got objective {o.name!r} with prediction {m.prediction!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UnifuseError(message)
+    return cfg
+
+
+PRESETS = _presets()
+
+
+def list_presets() -> list:
+    """(name, description) for every preset, in a stable order."""
+    return [(k, v.description) for k, v in PRESETS.items()]
+
+
+# --- dictionaries, overrides, YAML ------------------------------------------------------------
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (tuples become lists) for YAML and JSON."""
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, Mapping):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+    return plain(cfg)
+
+
+def _coerce(key: str, value, current, kind):
+    """value converted to the type of the field `key` (whose default is `current`), or a clear error."""
+    if kind is dict or isinstance(current, dict):
+        if not isinstance(value, Mapping):
+            raise UnifuseError(f"config key {key!r} needs a mapping like {{a: 1}}, got {value!r}")
+        return dict(value)
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise UnifuseError(f"config key {key!r} needs true or false, got {value!r}")
+    if isinstance(current, int):
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+                                           or (isinstance(value, str) and _is_number(value) and float(value).is_integer())):
+            raise UnifuseError(f"config key {key!r} needs an integer, got {value!r}")
+        return int(float(value))
+    if isinstance(current, float):
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) or (isinstance(value, str) and _is_number(value))):
+            raise UnifuseError(f"config key {key!r} needs a number, got {value!r}")
+        return float(value)
+    if isinstance(current, tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(current):
+            raise UnifuseError(f"config key {key!r} needs a list of {len(current)} values like {list(current)}, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, c, type(c)) for i, (v, c) in enumerate(zip(value, current)))
+    if isinstance(current, str):
+        if isinstance(value, (dict, list, tuple)) or value is None:
+            raise UnifuseError(f"config key {key!r} needs a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _merge(obj, updates: Mapping, prefix: str = ""):
+    """A copy of dataclass `obj` with nested `updates` applied, type-checked key by key."""
+    if not isinstance(updates, Mapping):
+        raise UnifuseError(f"config section {prefix.rstrip('.') or 'root'!r} needs a mapping, got {updates!r}")
+    valid = {f.name: f for f in fields(obj)}
+    changes = {}
+    for key, value in updates.items():
+        full = prefix + str(key)
+        if key not in valid:
+            raise UnifuseError(f"unknown config key {full!r}; valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
+                               f"{', '.join(sorted(valid))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = _merge(current, value, full + ".")
+        else:
+            changes[key] = _coerce(full, value, current, None)
+    return replace(obj, **changes)
+
+
+def parse_override(text: str) -> tuple:
+    """'a.b=c' -> (['a', 'b'], parsed c); the value is read as YAML (numbers, true/false, lists, strings)."""
+    import yaml
+
+    if "=" not in text:
+        raise UnifuseError(f"override {text!r} must look like key.sub=value (e.g. optim.lr=1e-3)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UnifuseError(f"override {text!r} has an empty key; write key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str] = ()) -> Config:
+    """Apply dotted `key.sub=value` overrides; dict fields accept sub-keys (model.net_options.channels=32)."""
+    for text in overrides or ():
+        parts, value = parse_override(text)
+        obj, path = cfg, []
+        # Walk to the deepest dataclass; remaining parts address keys inside a dict field.
+        while parts and dataclasses.is_dataclass(obj) and parts[0] in {f.name for f in fields(obj)} \
+                and dataclasses.is_dataclass(getattr(obj, parts[0])):
+            path.append(parts.pop(0))
+            obj = getattr(obj, path[-1])
+        if not parts:
+            raise UnifuseError(f"override {text!r} names a whole section; set one key like {'.'.join(path)}.<key>=value")
+        head = parts[0]
+        if len(parts) > 1:
+            names = {f.name for f in fields(obj)}
+            if head not in names or not isinstance(getattr(obj, head), dict):
+                where = ".".join(path + [head])
+                raise UnifuseError(f"unknown config key {where!r}; valid keys{' under ' + '.'.join(path) if path else ''}: "
+                                   f"{', '.join(sorted(names))}")
+            inner = dict(getattr(obj, head))
+            node = inner
+            for p in parts[1:-1]:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise UnifuseError(f"override {text!r}: {p!r} is not a mapping")
+            node[parts[-1]] = value
+            value = inner
+        update: Any = {head: value}
+        for p in reversed(path):
+            update = {p: update}
+        cfg = _merge(cfg, update)
+    return validate(cfg)
+
+
+def from_dict(d: Mapping, base: Config | None = None) -> Config:
+    """A Config from a nested dict (strict: unknown keys are an error), on top of `base`."""
+    return validate(_merge(base or Config(), d))
+
+
+def get_config(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
+    """A preset by name, or a YAML file (a full config, or `base: PRESET` plus changed keys)."""
+    if isinstance(name_or_path, str) and name_or_path in PRESETS:
+        cfg = PRESETS[name_or_path]
+    elif isinstance(name_or_path, str) and (name_or_path.endswith((".yaml", ".yml")) or os.path.sep in name_or_path):
+        cfg = load_config(name_or_path)
+    else:
+        choose("preset", name_or_path, PRESETS)
+    return apply_overrides(cfg, overrides)
+
+
+def load_config(path) -> Config:
+    """Read a YAML config written by `save_config` or by hand (`base: digits` then changed keys)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise UnifuseError(f"config file {os.fspath(path)!r} does not exist; give a preset name (unifuse presets) or a YAML path")
+    try:
+        with open(path) as fh:
+            d = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        raise UnifuseError(f"config file {os.fspath(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(d, Mapping):
+        raise UnifuseError(f"config file {os.fspath(path)!r} must hold a mapping of sections, got {type(d).__name__}")
+    d = dict(d)
+    base = d.pop("base", None)
+    if base is not None:
+        choose("preset", base, PRESETS)
+    return from_dict(d, PRESETS[base] if base is not None else None)
+
+
+def save_config(cfg: Config, path) -> str:
+    """Write the resolved config as YAML (temporary file, then rename)."""
+    import yaml
+
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["Config", "DataConfig", "ModelConfig", "ObjectiveConfig", "OptimConfig", "TrainConfig", "SampleConfig",
+           "EvalConfig", "PRESETS", "FAMILIES", "FAMILY_PARTS", "family_config", "list_presets", "validate",
+           "apply_overrides", "parse_override", "from_dict", "to_dict", "get_config", "load_config", "save_config"]

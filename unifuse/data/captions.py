@@ -1,0 +1,187 @@
+"""Captions for labelled digit images, and captions files for image folders.
+
+The bundled digit sets have labels, not text; for caption-conditional training (Rombach et al. 2022,
+ALGORITHMS card 12) each image gets a caption drawn from varied templates ("a handwritten seven",
+"the digit 7", ...). The held-out templates are never used in training, so sampling with them measures
+whether the model follows the meaning of a prompt rather than memorised strings.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Dict, NamedTuple, Optional, Sequence
+
+import torch
+
+from ..errors import UnifuseError, choose
+
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+TRAIN_TEMPLATES = (
+    "a handwritten {word}",
+    "the digit {digit}",
+    "number {word} written by hand",
+    "the number {word}",
+    "a {word}",
+    "{word}",
+    "{digit}",
+    "an image of the digit {digit}",
+    "handwritten digit {digit}",
+    "a drawing of the number {word}",
+    "the numeral {word}",
+    "a scanned handwritten {digit}",
+    "a black and white picture of a {word}",
+    "someone wrote the number {digit}",
+    "a small image of a {word}",
+    "digit {word}",
+)
+
+HELDOUT_TEMPLATES = (
+    "a picture of a handwritten {word}",
+    "the number {digit} written by hand",
+    "an image showing the digit {word}",
+    "a hand-drawn {digit}",
+    "{word}, written with a pen",
+)
+
+SPLITS = ("train", "heldout", "all")
+
+
+def templates(split: str = "train") -> tuple:
+    """The caption templates of a split: "train", "heldout" (never seen in training) or "all"."""
+    choose("caption split", split, SPLITS)
+    return {"train": TRAIN_TEMPLATES, "heldout": HELDOUT_TEMPLATES, "all": TRAIN_TEMPLATES + HELDOUT_TEMPLATES}[split]
+
+
+def caption(label: int, template: str) -> str:
+    """Fill one template for a digit label 0..9."""
+    label = int(label)
+    if not 0 <= label <= 9:
+        raise UnifuseError(f"digit captions exist for labels 0..9, got {label}")
+    return template.format(word=WORDS[label], digit=label)
+
+
+def captions_for(labels, split: str = "train", generator: Optional[torch.Generator] = None) -> list:
+    """One caption per label, each from a template drawn uniformly from the split."""
+    labels = torch.as_tensor(labels).reshape(-1)
+    pool = templates(split)
+    picks = torch.randint(len(pool), (labels.shape[0],), generator=generator)
+    return [caption(int(y), pool[int(i)]) for y, i in zip(labels, picks)]
+
+
+class CaptionBank(NamedTuple):
+    """Every (class, template) caption of a split, encoded once: row i is class labels[i]."""
+
+    captions: list
+    labels: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+    def draw(self, labels, generator: Optional[torch.Generator] = None, pooled: bool = False) -> dict:
+        """Network conditions for `labels`, a random caption of the right class each: {text, text_mask}
+        (tokens, for cross-attention) or, with pooled=True, {text: [B, 384]}."""
+        labels = torch.as_tensor(labels).reshape(-1).cpu()
+        per_class = torch.bincount(self.labels, minlength=int(self.labels.max()) + 1)
+        if bool((labels < 0).any()) or bool((labels >= per_class.shape[0]).any()) or bool((per_class[labels.clamp(min=0)] == 0).any()):
+            raise UnifuseError(f"the caption bank has classes 0..{per_class.shape[0] - 1}; got labels {labels.unique().tolist()}")
+        start = torch.cumsum(per_class, 0) - per_class
+        # rows are grouped by class (see caption_bank), so pick an offset inside each class's block
+        offset = (torch.rand(labels.shape[0], generator=generator) * per_class[labels]).long()
+        rows = (start[labels] + offset).to(self.tokens.device)
+        if pooled:
+            return {"text": self.pooled[rows]}
+        return {"text": self.tokens[rows], "text_mask": self.mask[rows]}
+
+    def to(self, device) -> "CaptionBank":
+        return CaptionBank(self.captions, self.labels, self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
+
+
+def caption_bank(encoder, split: str = "train", num_classes: int = 10) -> CaptionBank:
+    """Encode every caption of a split for classes 0..num_classes-1 (grouped by class)."""
+    pool = templates(split)
+    caps = [caption(y, tpl) for y in range(num_classes) for tpl in pool]
+    labels = torch.arange(num_classes).repeat_interleave(len(pool))
+    emb = encoder.encode(caps)
+    return CaptionBank(caps, labels, emb.tokens, emb.mask, emb.pooled)
+
+
+# --- captions files for image folders --------------------------------------------------------------
+CAPTION_FILES = ("captions.jsonl", "captions.json", "captions.csv", "captions.tsv", "captions.txt")
+
+
+def find_captions(folder: str) -> Optional[str]:
+    """The captions file of an image folder, if it has one (names in CAPTION_FILES)."""
+    for name in CAPTION_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def read_captions(path: str) -> Dict[str, str]:
+    """{file name: caption} from a captions file.
+
+    .jsonl: one {"file": ..., "caption": ...} per line ("image"/"text" also accepted); .json: an object
+    {file: caption}; .csv / .tsv: rows "file,caption" (a header row "file,caption" is skipped);
+    .txt: lines "file<TAB>caption" or "file: caption".
+    """
+    if not os.path.isfile(path):
+        raise UnifuseError(f"captions file {path} does not exist; give one of {', '.join(CAPTION_FILES)}")
+    ext = os.path.splitext(path)[1].lower()
+    out: Dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        if ext == ".json":
+            data = json.load(f)
+            if not isinstance(data, dict):
+                raise UnifuseError(f"{path}: a .json captions file must be an object {{file: caption}}")
+            out = {str(k): str(v) for k, v in data.items()}
+        elif ext == ".jsonl":
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    name, text = row.get("file", row.get("image")), row.get("caption", row.get("text"))
+                except (json.JSONDecodeError, AttributeError):
+                    name = text = None
+                if name is None or text is None:
+                    raise UnifuseError(f"{path}:{n}: each line must be {{\"file\": ..., \"caption\": ...}}")
+                out[str(name)] = str(text)
+        elif ext in (".csv", ".tsv"):
+            for n, row in enumerate(csv.reader(f, delimiter="\t" if ext == ".tsv" else ","), 1):
+                if not row or (n == 1 and [c.strip().lower() for c in row[:2]] in (["file", "caption"], ["image", "text"])):
+                    continue
+                if len(row) < 2:
+                    raise UnifuseError(f"{path}:{n}: each row must be file,caption")
+                out[row[0].strip()] = ",".join(row[1:]).strip() if ext == ".csv" else row[1].strip()
+        else:
+            for n, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                sep = "\t" if "\t" in line else ": " if ": " in line else None
+                if sep is None:
+                    raise UnifuseError(f"{path}:{n}: each line must be 'file<TAB>caption' or 'file: caption'")
+                name, text = line.split(sep, 1)
+                out[name.strip()] = text.strip()
+    if not out:
+        raise UnifuseError(f"captions file {path} has no captions")
+    return out
+
+
+def captions_for_files(files: Sequence[str], captions: Dict[str, str], path: str = "the captions file") -> list:
+    """The caption of each image file (matched by relative path, then by base name)."""
+    by_base = {os.path.basename(k): v for k, v in captions.items()}
+    out = []
+    for name in files:
+        text = captions.get(name, by_base.get(os.path.basename(name)))
+        if text is None:
+            raise UnifuseError(f"image {name} has no caption in {path}; add a line for it or remove the image")
+        out.append(text)
+    return out
+
+
+__all__ = ["WORDS", "TRAIN_TEMPLATES", "HELDOUT_TEMPLATES", "templates", "caption", "captions_for", "CaptionBank",
+           "caption_bank", "find_captions", "read_captions", "captions_for_files"]

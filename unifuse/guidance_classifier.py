@@ -1,0 +1,237 @@
+"""A noise-conditional classifier p(y | x_t) for classifier guidance (Dhariwal & Nichol 2021, ALGORITHMS
+card 10), trained with cross-entropy on noisy samples x_t = alpha x + sigma noise of any path.
+
+The classifier sees only path-invariant inputs: the log-SNR lambda and x_t / sqrt(alpha^2 s_d^2 + sigma^2)
+(at equal log-SNR, x_t on two paths differ by the factor |(alpha, sigma)| that this divides out; NOTATION
+section 5). So one trained classifier guides a model of any family; `unifuse.guidance.classifier_guidance`
+maps the model's time to the classifier's path at equal log-SNR.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UnifuseError
+from .paths.base import Path, as_time
+
+
+def log_snr_features(lam: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fourier features cos/sin(f_i lambda) with f_i geometric in [1/32, 2]: smooth over lambda in [-20, 20]."""
+    freqs = torch.exp(torch.linspace(math.log(1 / 32), math.log(2.0), dim // 2, device=lam.device))
+    arg = lam.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(arg), torch.sin(arg)], 1)
+
+
+class Block(nn.Module):
+    """Residual conv block with the noise-level embedding as scale and shift (FiLM)."""
+
+    def __init__(self, c_in: int, c_out: int, emb: int):
+        super().__init__()
+        self.n1, self.c1 = nn.GroupNorm(min(8, c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.n2, self.c2 = nn.GroupNorm(min(8, c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.film = nn.Linear(emb, 2 * c_out)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, e):
+        h = self.c1(F.silu(self.n1(x)))
+        scale, shift = self.film(e)[:, :, None, None].chunk(2, 1)
+        h = self.c2(F.silu(self.n2(h) * (1 + scale) + shift))
+        return self.skip(x) + h
+
+
+class NoisyClassifier(nn.Module):
+    """classifier(x_t [B, C, H, W], t [B] on `path`) -> logits [B, num_classes].
+
+    Three stages of residual blocks (width, 2 width, 2 width) with 2x average pooling between them,
+    global average pooling and a linear head; the noise level enters every block through FiLM.
+    """
+
+    def __init__(self,
+                 path:        Path,
+                 in_channels: int = 1,
+                 num_classes: int = 10,
+                 width:       int = 32,
+                 mult:        Sequence[int] = (1, 2, 2),
+                 sigma_data:  float = 0.5,
+                 emb_dim:     int = 64):
+        super().__init__()
+        if not isinstance(path, Path):
+            raise UnifuseError(f"NoisyClassifier needs a unifuse path (e.g. uf.paths.get('vp-linear')), got {path!r}")
+        self.path, self.sigma_data = path, float(sigma_data)
+        self.config = dict(in_channels=in_channels, num_classes=num_classes, width=width, mult=list(mult),
+                           sigma_data=sigma_data, emb_dim=emb_dim)
+        self.num_classes, self.emb_dim = num_classes, emb_dim
+        self.embed = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim), nn.SiLU())
+        self.inp = nn.Conv2d(in_channels, width, 3, padding=1)
+        chans = [width * m for m in mult]
+        self.blocks = nn.ModuleList(Block(c_in, c_out, emb_dim) for c_in, c_out in zip([width] + chans[:-1], chans))
+        self.head = nn.Sequential(nn.GroupNorm(min(8, chans[-1]), chans[-1]), nn.SiLU())
+        self.out = nn.Linear(chans[-1], num_classes)
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        if x.ndim != 4:
+            raise UnifuseError(f"NoisyClassifier expects images [B, C, H, W], got shape {tuple(x.shape)}")
+        t = as_time(t).to(device=x.device, dtype=torch.float64)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        a, s = self.path.alpha(t), self.path.sigma(t)
+        # path-invariant input scale and noise label (see the module docstring)
+        x = x / torch.sqrt((a * self.sigma_data) ** 2 + s * s).to(x.dtype).reshape(-1, 1, 1, 1)
+        lam = self.path.log_snr(t).clamp(-30, 30)
+        e = self.embed(log_snr_features(lam, self.emb_dim).to(self.out.weight.dtype))
+        h = self.inp(x.to(self.out.weight.dtype))
+        for i, block in enumerate(self.blocks):
+            h = block(h, e)
+            if i < len(self.blocks) - 1 and min(h.shape[-2:]) >= 4:
+                h = F.avg_pool2d(h, 2, ceil_mode=True)
+        return self.out(self.head(h).mean((-2, -1)))
+
+
+def clean_time(path: Path) -> float:
+    """The data end t_min where it is finite (VE: its least-noisy time t_eps)."""
+    return float(path.t_min) if math.isfinite(path.t_min) else float(path.t_eps)
+
+
+def rand_log_snr_times(path: Path, n: int, lam_range=(-10.0, 10.0), generator=None, device=None) -> torch.Tensor:
+    """Times with log-SNR uniform in lam_range (clipped to what the path covers between t_eps and t_max)."""
+    lam_hi = float(path.log_snr(torch.tensor(max(path.t_eps, path.t_min), dtype=torch.float64)))
+    lam_lo = float(path.log_snr(torch.tensor(path.t_max, dtype=torch.float64)))
+    lo, hi = max(lam_range[0], lam_lo), min(lam_range[1], lam_hi)
+    lam = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+    return path.t_from_log_snr(lam).to(device)
+
+
+class ClassifierLoss:
+    """Cross-entropy of a noise-conditional classifier on x_t = alpha x + sigma noise (per sample, [B]).
+
+    lam_range: log-SNR range the noise levels are drawn from, uniformly; clean_fraction: share of the
+    batch kept clean (t = t_min), so the same classifier also judges finished samples.
+    """
+
+    def __init__(self, lam_range=(-10.0, 10.0), clean_fraction: float = 0.1):
+        self.lam_range, self.clean_fraction = tuple(float(v) for v in lam_range), float(clean_fraction)
+
+    def __call__(self, classifier: NoisyClassifier, x: torch.Tensor, labels: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        path = classifier.path
+        t = rand_log_snr_times(path, x.shape[0], self.lam_range, generator, x.device)
+        clean = torch.rand(x.shape[0], generator=generator) < self.clean_fraction
+        t_clean = clean_time(path)
+        t = torch.where(clean.to(x.device), torch.full_like(t, t_clean), t)
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        x_t = path.interpolate(x, noise, t).to(x.dtype)
+        return F.cross_entropy(classifier(x_t, t), labels.to(x.device).long(), reduction="none")
+
+
+def train_classifier(classifier: NoisyClassifier, images: torch.Tensor, labels: torch.Tensor, steps: int = 2000,
+                     batch: int = 128, lr: float = 2e-3, loss: Optional[ClassifierLoss] = None,
+                     generator: Optional[torch.Generator] = None, progress: bool = False,
+                     minutes: float = 0.0) -> NoisyClassifier:
+    """A short straight-line loop: AdamW, cosine learning-rate decay, batches drawn with replacement;
+    stops after `steps` or after `minutes` of wall clock (0: no limit), whichever comes first."""
+    loss = loss or ClassifierLoss()
+    deadline = time.time() + 60 * minutes if minutes > 0 else math.inf
+    opt = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k / steps, 1.0))))
+    classifier.train()
+    bar = range(steps)
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(bar, desc="classifier", leave=False)
+    for _ in bar:
+        if time.time() > deadline:
+            break
+        idx = torch.randint(images.shape[0], (batch,), generator=generator)
+        value = loss(classifier, images[idx], labels[idx], generator).mean()
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        sched.step()
+        if progress:
+            bar.set_postfix(loss=f"{value.item():.3f}")
+    return classifier.eval()
+
+
+@torch.no_grad()
+def accuracy(classifier: NoisyClassifier, images: torch.Tensor, labels: torch.Tensor, t=None, batch: int = 500) -> float:
+    """Fraction of images assigned to their label (clean images by default: t = the path's data end)."""
+    path = classifier.path
+    if t is None:
+        t = clean_time(path)
+    hits = 0
+    for i in range(0, images.shape[0], batch):
+        logits = classifier(images[i:i + batch], t)
+        hits += int((logits.argmax(1).cpu() == torch.as_tensor(labels[i:i + batch]).cpu()).sum())
+    return hits / images.shape[0]
+
+
+# --- presets for `unifuse train digits-classifier|mnist-classifier` ------------------------------------------
+# name -> (data set, path the classifier is trained on, steps, batch, width). The path does not limit use:
+# the classifier's inputs are path-invariant, so it guides models of every family.
+CLASSIFIER_PRESETS = {
+    "digits-classifier": ("digits", "edm", 1500, 128, 32),
+    "mnist-classifier":  ("mnist", "edm", 3000, 128, 32),
+}
+
+
+def train_classifier_preset(name: str, out: str, steps: Optional[int] = None, minutes: float = 0.0, seed: int = 0,
+                            progress: bool = True, log=print) -> dict:
+    """Train a preset's noise-conditional classifier and save it to `out` (classifier.safetensors + .json)."""
+    from safetensors.torch import save_file
+
+    from .data import load_dataset
+    from .errors import choose
+    from .paths import get as get_path
+
+    choose("classifier preset", name, CLASSIFIER_PRESETS)
+    data_name, path_name, default_steps, batch, width = CLASSIFIER_PRESETS[name]
+    steps = int(steps or default_steps)
+    train_set, heldout = load_dataset(data_name, "train"), load_dataset(data_name, "heldout")
+    torch.manual_seed(seed)
+    clf = NoisyClassifier(get_path(path_name), in_channels=train_set.shape[0], num_classes=train_set.num_classes, width=width)
+    start = time.time()
+    train_classifier(clf, train_set.images, train_set.labels, steps, batch, generator=torch.Generator().manual_seed(seed),
+                     progress=progress, minutes=minutes)
+    seconds = time.time() - start
+    # held-out accuracy at a few noise levels, by EDM sigma = sigma/alpha (what a user reads as "how noisy")
+    acc = {f"sigma={s:g}": accuracy(clf, heldout.images, heldout.labels, float(clf.path.t_from_sigma_edm(torch.tensor(s))))
+           for s in (0.0, 0.5, 1.0, 2.0, 5.0)}
+    record = {"preset": name, "data": data_name, "path": path_name, "config": clf.config, "steps": steps,
+              "seconds": round(seconds, 1), "seed": seed, "heldout_accuracy": acc}
+    os.makedirs(out, exist_ok=True)
+    weights, sidecar = os.path.join(out, "classifier.safetensors"), os.path.join(out, "classifier.json")
+    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, weights + ".tmp")
+    os.replace(weights + ".tmp", weights)
+    with open(sidecar + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(sidecar + ".tmp", sidecar)
+    log(f"trained {name} in {seconds:.0f} s; held-out accuracy " + ", ".join(f"{k}: {v:.3f}" for k, v in acc.items())
+        + f"; saved {weights}")
+    return record
+
+
+def load_noisy_classifier(folder: str) -> NoisyClassifier:
+    """A classifier saved by `train_classifier_preset` (safetensors weights, JSON sidecar; no pickle)."""
+    from safetensors.torch import load_file
+
+    from .paths import get as get_path
+
+    weights, sidecar = os.path.join(folder, "classifier.safetensors"), os.path.join(folder, "classifier.json")
+    if not (os.path.isfile(weights) and os.path.isfile(sidecar)):
+        raise UnifuseError(f"{folder} holds no noise-conditional classifier (classifier.safetensors + classifier.json); "
+                           "train one with `unifuse train digits-classifier --out DIR`")
+    record = json.load(open(sidecar))
+    clf = NoisyClassifier(get_path(record["path"]), **record["config"])
+    clf.load_state_dict(load_file(weights))
+    return clf.eval()
+
+
+__all__ = ["NoisyClassifier", "ClassifierLoss", "train_classifier", "accuracy", "rand_log_snr_times", "log_snr_features",
+           "CLASSIFIER_PRESETS", "train_classifier_preset", "load_noisy_classifier", "clean_time"]

@@ -1,0 +1,62 @@
+"""Network architectures. Every net is called as
+
+    net(x, t, class_labels=None, text=None, text_mask=None) -> tensor shaped like x (2C channels with learned_variance)
+
+where t [B] is the noise label `path.c_noise(t_native)` (roughly -1500..1100 across paths), class_labels a
+LongTensor [B] with -1 the null class, text [B, L, d_text] caption tokens with text_mask [B, L] (True = real token)
+or a pooled [B, d_text] embedding. Nets know nothing of paths or parameterizations.
+
+`build_net("unet-digits", num_classes=10)` builds a preset with overrides; `build_net("unet", **net.config)`
+rebuilds any net from the `config` dict it carries (what checkpoints store, with `net.family`).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import UnifuseError, choose
+from .dit import DiT
+from .mlp import MLP
+from .unet import UNet
+
+NETS = {"mlp": MLP, "unet": UNet, "dit": DiT}
+
+TEXT_DIM = 384  # width of the bundled caption encoder's token embeddings (all-MiniLM-L6-v2)
+
+# name -> (family, keyword arguments). Sizes chosen for quality per CPU-minute (docs/benchmarks/nets.md).
+NET_PRESETS = {
+    "mlp-toy":     ("mlp",  dict(dim=2, width=256, depth=4, emb_dim=128)),
+    "unet-digits": ("unet", dict(in_channels=1, resolution=8, channels=32, channel_mult=(1, 2), num_res_blocks=2,
+                                 attn_resolutions=(4,), dropout=0.1)),
+    "unet-mnist":  ("unet", dict(in_channels=1, resolution=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                                 attn_resolutions=(8,), dropout=0.1)),
+    "dit-digits":  ("dit",  dict(in_channels=1, resolution=8, patch=2, width=128, depth=6, heads=4)),
+    "dit-mnist":   ("dit",  dict(in_channels=1, resolution=32, patch=4, width=192, depth=8, heads=6)),
+}
+for _name in list(NET_PRESETS):  # conditional variants: "<preset>-cond" (10 classes) and "<preset>-text" (captions)
+    _family, _kw = NET_PRESETS[_name]
+    NET_PRESETS[_name + "-cond"] = (_family, dict(_kw, num_classes=2 if _name == "mlp-toy" else 10))
+    NET_PRESETS[_name + "-text"] = (_family, dict(_kw, text_dim=TEXT_DIM))
+del _name, _family, _kw
+
+
+def build_net(name: str, **overrides) -> nn.Module:
+    """A network from a family name ("unet") or a preset name ("unet-digits"), with keyword overrides."""
+    if name in NET_PRESETS:
+        family, kwargs = NET_PRESETS[name]
+        kwargs = dict(kwargs, **overrides)
+    else:
+        family, kwargs = choose("network", name, sorted(NETS) + sorted(NET_PRESETS)), overrides
+    try:
+        return NETS[family](**kwargs)
+    except TypeError as e:  # an unknown keyword: say which ones exist
+        import inspect
+        valid = [p for p in inspect.signature(NETS[family]).parameters]
+        raise UnifuseError(f"bad arguments for network {name!r} ({e}); valid keywords: {', '.join(valid)}") from None
+
+
+def num_params(net: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+__all__ = ["NETS", "NET_PRESETS", "TEXT_DIM", "MLP", "UNet", "DiT", "build_net", "num_params"]

@@ -1,0 +1,86 @@
+"""Samplers: plain functions over an explicit time grid, one shared signature (DESIGN rules 5-6).
+
+    x = uf.samplers.sample_dpmpp_2m(model, x_T, ts, cond=None, noise=None, callback=None, progress=False)
+
+`ts` is a float64 grid t_0 > ... > t_K in the model path's native time (`uf.paths.time_grid`), `x_T` the
+state at t_0. Every sampler works with every path and every prediction kind: it only reads the pair
+(x0_hat, eps_hat) from `model.evaluate` (one call = one network evaluation). `SAMPLERS` maps each public
+name to its function and its cost rule (how an NFE budget becomes a grid); `uf.sample` is the convenience
+that builds the grid from `nfe` and `spacing`.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from ..errors import choose
+from .ancestral import sample_ddim, sample_ddpm, step_ddim, step_ddpm
+from .base import GaussianStep, NoiseSource, Schedule, randn, schedule
+from .consistency import sample_consistency
+from .multistep import (sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_ipndm, sample_unipc,
+                        step_dpmpp_sde)
+from .ode import sample_adaptive, sample_edm_stochastic, sample_euler, sample_heun, sample_midpoint
+from .sde import sample_euler_maruyama, sample_pc, step_euler_maruyama, step_langevin
+from .singlestep import sample_dpm_solver_1, sample_dpm_solver_2, sample_dpm_solver_3, sample_dpmpp_2s
+
+
+class Sampler(NamedTuple):
+    """A sampler function and how `uf.sample` plans its grid.
+
+    cost: "step" (one evaluation per grid step), "stage" (single-step method: a step of order p costs p
+    evaluations; `max_order`), "pc" (corrector + predictor evaluations per grid time) or "adaptive"
+    (nfe is an upper bound). zero_snr_first_order: a step from alpha = 0 is first order (exponential
+    integrators). The final step to the data always costs one evaluation (the denoised estimate)."""
+
+    fn: Callable
+    cost: str
+    max_order: int
+    spacing: str
+    options: tuple
+    stochastic: bool = False
+    zero_snr_first_order: bool = False
+    default_nfe: int = 25
+
+
+_EXP = dict(zero_snr_first_order=True)
+SAMPLERS = {
+    "ddpm": Sampler(sample_ddpm, "step", 1, "uniform", ("variance",), True, default_nfe=1000),
+    "ddim": Sampler(sample_ddim, "step", 1, "karras", ("eta",), True),
+    "euler": Sampler(sample_euler, "step", 1, "karras", ()),
+    "heun": Sampler(sample_heun, "stage", 2, "karras", ()),
+    "edm_stochastic": Sampler(sample_edm_stochastic, "stage", 2, "karras", ("S_churn", "S_tmin", "S_tmax", "S_noise"), True),
+    "dpm_solver_1": Sampler(sample_dpm_solver_1, "step", 1, "logsnr", (), **_EXP),
+    "dpm_solver_2": Sampler(sample_dpm_solver_2, "stage", 2, "logsnr", (), **_EXP),
+    "dpm_solver_3": Sampler(sample_dpm_solver_3, "stage", 3, "logsnr", (), **_EXP),
+    "dpmpp_2s": Sampler(sample_dpmpp_2s, "stage", 2, "logsnr", ("r1",), **_EXP),
+    "dpmpp_2m": Sampler(sample_dpmpp_2m, "step", 2, "logsnr", ("variant", "lower_order_final")),
+    "dpmpp_3m": Sampler(sample_dpmpp_3m, "step", 3, "logsnr", ("lower_order_final",)),
+    "dpmpp_2m_sde": Sampler(sample_dpmpp_2m_sde, "step", 2, "logsnr", ("variant", "lower_order_final"), True),
+    "unipc": Sampler(sample_unipc, "step", 3, "logsnr", ("order", "variant", "lower_order_final", "corrector",
+                                                          "denoise_corrected")),
+    "ipndm": Sampler(sample_ipndm, "step", 4, "karras", ("order", "lower_order_final", "variable")),
+    "euler_maruyama": Sampler(sample_euler_maruyama, "step", 1, "uniform", (), True, default_nfe=1000),
+    "pc": Sampler(sample_pc, "pc", 1, "uniform", ("predictor", "snr", "n_corrector", "batch_norms"), True,
+                  default_nfe=1000),
+    "midpoint": Sampler(sample_midpoint, "stage", 2, "karras", ()),
+    "consistency": Sampler(sample_consistency, "step", 1, "karras", (), True, default_nfe=2),
+    "adaptive": Sampler(sample_adaptive, "adaptive", 5, "uniform", ("rtol", "atol", "sigma_stop", "h_init"),
+                        default_nfe=10000),
+}
+
+
+def available() -> list:
+    """Every sampler name (each works with every path and every prediction kind)."""
+    return list(SAMPLERS)
+
+
+def get(name: str) -> Sampler:
+    """The `Sampler` entry for a name (one clear error listing the valid names)."""
+    return SAMPLERS[choose("sampler", name, SAMPLERS)]
+
+
+__all__ = ["SAMPLERS", "Sampler", "available", "get", "GaussianStep", "NoiseSource", "Schedule", "schedule", "randn",
+           "sample_ddpm", "sample_ddim", "sample_euler", "sample_heun", "sample_edm_stochastic", "sample_dpm_solver_1",
+           "sample_dpm_solver_2", "sample_dpm_solver_3", "sample_dpmpp_2s", "sample_dpmpp_2m", "sample_dpmpp_3m",
+           "sample_dpmpp_2m_sde", "sample_unipc", "sample_ipndm", "sample_euler_maruyama", "sample_pc",
+           "sample_midpoint", "sample_consistency", "sample_adaptive",
+           "step_ddim", "step_ddpm", "step_dpmpp_sde", "step_euler_maruyama", "step_langevin"]

@@ -1,0 +1,337 @@
+"""What every sampler shares (DESIGN rules 5-6, after k-diffusion's `sampling.py` and EDM's `edm_sampler`).
+
+A sampler is a plain function
+
+    sample_NAME(model, x, ts, *, cond=None, noise=None, callback=None, **options) -> Tensor
+
+over an explicit float64 time grid `ts` (t_0 > t_1 > ...; `x` is the state at t_0). When the grid ends on
+the data end (sigma = 0) the last step returns the denoised estimate of the current point. All step
+coefficients are computed from the float64 grid on the CPU before the loop (`Schedule`), so the loop only
+multiplies and adds tensors by Python floats: no host-device sync and no schedule arithmetic in the model's
+dtype. Randomness comes from a `NoiseSource`, one stream per sample, so sample i depends only on its seed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import UnifuseError
+from ..model import DiffusionModel, Evaluation
+
+F64 = torch.float64
+INF = math.inf
+
+
+# --- the grid's coefficients ------------------------------------------------------------------------
+class Schedule(NamedTuple):
+    """alpha, sigma, their time derivatives and the half log-SNR lambda = log(alpha/sigma) at each grid
+    time, as Python floats (float64); lambda is -inf where alpha = 0 and +inf where sigma = 0."""
+
+    t: list
+    alpha: list
+    sigma: list
+    d_alpha: list
+    d_sigma: list
+    lam: list
+
+    @property
+    def ends_on_data(self) -> bool:
+        return self.sigma[-1] == 0.0
+
+
+def schedule(path, ts) -> Schedule:
+    """The float64 coefficients of `path` at the times `ts` (computed once, on the CPU)."""
+    ts = torch.as_tensor(ts, dtype=F64).cpu().flatten()
+    a, s, da, ds = path.coefficients(ts)
+    lam = 0.5 * path.log_snr(ts)
+    lam = torch.where(s == 0, torch.full_like(lam, INF), torch.where(a == 0, torch.full_like(lam, -INF), lam))
+    return Schedule(*(v.tolist() for v in (ts, a, s, da, ds, lam)))
+
+
+def t_at_lambda(path, lam: float) -> float:
+    """Native time at half log-SNR lam (the inverse used for intermediate stages)."""
+    return float(path.t_from_log_snr(torch.tensor(2.0 * lam, dtype=F64)))
+
+
+def coefs_at(path, t: float):
+    """(alpha, sigma, d_alpha, d_sigma, lambda) at one time, Python floats."""
+    sch = schedule(path, [t])
+    return sch.alpha[0], sch.sigma[0], sch.d_alpha[0], sch.d_sigma[0], sch.lam[0]
+
+
+def check_grid(ts) -> torch.Tensor:
+    """A float64 CPU grid that decreases strictly (one clear error otherwise)."""
+    ts = torch.as_tensor(ts, dtype=F64).cpu().flatten()
+    if ts.numel() < 2:
+        raise UnifuseError(f"a sampler needs a grid of at least 2 times (start and end), got {ts.tolist()}")
+    d = ts[1:] - ts[:-1]
+    if not bool((d < 0).all()):
+        k = int(torch.nonzero(d >= 0)[0])
+        raise UnifuseError(f"time grid must decrease strictly; t[{k}]={float(ts[k])} -> t[{k + 1}]={float(ts[k + 1])}")
+    return ts
+
+
+# --- exponential-integrator weights -------------------------------------------------------------------
+def phi(k: int, z: float) -> float:
+    """phi_k(z) = (e^z - sum_{j<k} z^j/j!) / z^k (phi_0 = e^z), accurate for small |z| (series)."""
+    if z == -INF:  # e^z -> 0 and every phi_k(z) -> 0
+        return 0.0
+    if abs(z) < 0.2:  # series: sum_j z^j / (j + k)!
+        return sum(z**j / math.factorial(j + k) for j in range(18))
+    if k == 0:
+        return math.exp(z)
+    return (math.exp(z) - sum(z**j / math.factorial(j) for j in range(k))) / z**k
+
+
+# --- noise, one stream per sample ----------------------------------------------------------------------
+def _seed_for(seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for sample `index` of base seed `seed` (numpy SeedSequence)."""
+    return int(np.random.SeedSequence([int(seed) & (2**63 - 1), int(index)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class NoiseSource:
+    """Standard normal draws for stochastic steps.
+
+    generator: None (torch's global RNG), a torch.Generator (one stream for the whole batch), a list of
+    torch.Generators (one per sample), an int seed (sample i gets its own stream seeded from (seed, i)) or
+    a list of int seeds (one per sample). With a list or an int seed, sample i depends only on its own
+    stream, whatever the batch size.
+    """
+
+    def __init__(self, generator=None, batch: Optional[int] = None):
+        self.per_sample = None
+        self.single = None
+        if generator is None:
+            return
+        if isinstance(generator, torch.Generator):
+            self.single = generator
+            return
+        if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+            if batch is None:
+                raise UnifuseError("an int seed needs the batch size to make one stream per sample")
+            generator = [_seed_for(int(generator), i) for i in range(batch)]
+        if isinstance(generator, Sequence) and len(generator) > 0:
+            gens = []
+            for g in generator:
+                if isinstance(g, torch.Generator):
+                    gens.append(g)
+                elif isinstance(g, (int, np.integer)) and not isinstance(g, bool):
+                    gens.append(torch.Generator().manual_seed(int(g)))
+                else:
+                    raise UnifuseError(f"generator list entries must be torch.Generator or int seeds, got {type(g).__name__}")
+            if batch is not None and len(gens) != batch:
+                raise UnifuseError(f"got {len(gens)} generators for a batch of {batch}; pass one per sample")
+            self.per_sample = gens
+            return
+        raise UnifuseError(f"generator must be None, a torch.Generator, an int seed or a list of them, got {generator!r}")
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        """A standard normal tensor shaped like `like` (its dtype and device)."""
+        if self.per_sample is not None:
+            if len(self.per_sample) != like.shape[0]:
+                raise UnifuseError(f"got {len(self.per_sample)} generators for a batch of {like.shape[0]}; pass one per sample")
+            parts = [torch.randn(like.shape[1:], generator=g, device=g.device, dtype=like.dtype) for g in self.per_sample]
+            return torch.stack(parts).to(like.device, non_blocking=True)
+        if self.single is not None:
+            z = torch.randn(like.shape, generator=self.single, device=self.single.device, dtype=like.dtype)
+            return z.to(like.device, non_blocking=True)
+        return torch.randn_like(like)
+
+
+def randn(shape, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Initial noise drawn the same way as a sampler's noise (per-sample streams for lists and int seeds)."""
+    like = torch.empty(tuple(shape), dtype=dtype, device=device)
+    return NoiseSource(generator, like.shape[0])(like)
+
+
+def as_noise_source(noise, batch: int) -> NoiseSource:
+    return noise if isinstance(noise, NoiseSource) else NoiseSource(noise, batch)
+
+
+# --- Gaussian transitions (for reward fine-tuning and likelihood diagnostics) -------------------------
+class GaussianStep(NamedTuple):
+    """One stochastic step x_next ~ N(mean, std^2), std a float or a tensor broadcasting against mean."""
+
+    mean: torch.Tensor
+    std: object
+
+    def sample(self, noise: torch.Tensor) -> torch.Tensor:
+        """mean + std * noise (noise standard normal, shaped like mean)."""
+        if isinstance(self.std, float):
+            return self.mean if self.std == 0.0 else self.mean.add(noise.to(self.mean.dtype), alpha=self.std)
+        return self.mean + self.std * noise.to(self.mean.dtype)
+
+    def log_prob(self, x_next: torch.Tensor) -> torch.Tensor:
+        """log N(x_next; mean, std^2) summed over all but the batch dimension -> [batch]."""
+        std = self.std
+        if isinstance(std, float):
+            if std == 0.0:
+                raise UnifuseError("this step is deterministic (std = 0, e.g. the final step to the data); it has no density")
+            std = torch.tensor(std, dtype=self.mean.dtype, device=self.mean.device)
+        d = (x_next.to(self.mean.dtype) - self.mean) / std
+        lp = -0.5 * d * d - torch.log(std) - 0.5 * math.log(2 * math.pi)
+        lp = lp.expand_as(self.mean) if lp.shape != self.mean.shape else lp
+        return lp.reshape(lp.shape[0], -1).sum(1)
+
+
+# --- the evaluator: one call = one network evaluation ---------------------------------------------------
+def state_dtype(x: torch.Tensor) -> torch.dtype:
+    """Samplers keep their state in float32 at least (float64 when given float64)."""
+    return F64 if x.dtype == F64 else torch.float32
+
+
+class Evaluator:
+    """Calls `model.evaluate` (one call = one NFE), reusing the time-only work per grid time, checking
+    for non-finite states, driving the progress bar and the per-step callback."""
+
+    def __init__(self, model, x: torch.Tensor, cond=None, callback: Optional[Callable] = None,
+                 name: str = "sampler", progress: bool = False, check_finite: bool = True, info=None):
+        if not hasattr(model, "evaluate") or not hasattr(model, "path"):
+            raise UnifuseError(f"samplers need a uf.DiffusionModel (with .evaluate and .path), got {type(model).__name__}")
+        self.model, self.cond, self.callback, self.name = model, dict(cond or {}), callback, name
+        self.in_dtype = x.dtype
+        self.like = x.detach()
+        self.fast = type(model).evaluate is DiffusionModel.evaluate and hasattr(model, "prepare_grid")
+        self.cache, self.pending = {}, []
+        self.nfe = 0
+        self.step, self.n_steps, self.t = 0, 0, None
+        self.progress, self.bar = progress, None
+        self.check_finite = check_finite
+        self.sums = None  # device-side per-step checks, read once at the end (no sync per step)
+        self.info = info
+
+    @property
+    def path(self):
+        return self.model.path
+
+    def prepare(self, t: float):
+        """Queue time t; queued times are prepared together (one vectorized schedule computation)."""
+        if self.fast and t not in self.cache:
+            self.pending.append(t)
+
+    def _flush(self):
+        times = list(dict.fromkeys(t for t in self.pending if t not in self.cache))
+        self.pending = []
+        if times:
+            self.cache.update(zip(times, self.model.prepare_grid(torch.tensor(times, dtype=F64), self.like)))
+
+    def __call__(self, x: torch.Tensor, t: float) -> Evaluation:
+        """x0_hat and eps_hat at (x, t); t is a Python float (a grid or stage time)."""
+        self.nfe += 1
+        self.t = t
+        xin = x if x.dtype == self.in_dtype else x.to(self.in_dtype)
+        try:
+            if self.fast:
+                prepared = self.cache.get(t)
+                if prepared is None:
+                    self.pending.append(t)
+                    self._flush()
+                    prepared = self.cache[t]
+                return self.model.evaluate_prepared(xin, prepared, **self.cond)
+            return self.model.evaluate(xin, torch.tensor(t, dtype=F64), **self.cond)
+        except UnifuseError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            raise UnifuseError(f"{self.name}: the model failed at step {self.step} (t = {t:.6g}) on an input of shape "
+                               f"{tuple(xin.shape)} and dtype {xin.dtype}: {str(err).splitlines()[0]}; pass noise "
+                               "shaped like the model's data [batch, ...] and the condition it expects") from None
+
+    # --- the step loop ---------------------------------------------------------------------------------
+    def steps(self, n: int):
+        """range(n) that tracks the step, shows progress and checks the state after each step."""
+        self.n_steps = n
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=n, desc=self.name, leave=False)
+        try:
+            for i in range(n):
+                self.step = i
+                yield i
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    def done(self, i: int, t: float, x: torch.Tensor, denoised: Optional[torch.Tensor] = None) -> None:
+        """After step i (ending at time t): finite check, progress, callback."""
+        if self.check_finite:
+            self._check(i, t, x)
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.callback is not None:
+            self.callback(i, t, x, denoised)
+
+    def _check(self, i, t, x):
+        s = x.detach().sum()
+        if s.device.type == "cpu":
+            if not math.isfinite(float(s)):
+                self._fail(i, t, float(s))
+            return
+        if self.sums is None:
+            self.sums = torch.zeros(max(self.n_steps, 1), dtype=s.dtype, device=s.device)
+        self.sums[min(i, self.sums.numel() - 1)] = s
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """Read the deferred device-side checks once (one sync per call) and return x."""
+        if self.sums is not None and not bool(torch.isfinite(self.sums).all()):
+            i = int(torch.nonzero(~torch.isfinite(self.sums))[0])
+            self._fail(i, None, float(self.sums[i]))
+        if self.info is not None:
+            self.info.update(nfe=self.nfe, steps=self.n_steps)
+        return x
+
+    def _fail(self, i, t, value):
+        where = f" (t = {t:.6g})" if t is not None else ""
+        raise UnifuseError(f"{self.name}: a non-finite value ({value}) appeared in the state at step {i} of "
+                           f"{self.n_steps}{where}; the model output or the step is not finite there: check the "
+                           "model at that time, use a prediction kind that is finite at the path's ends (v, x0, "
+                           "velocity) or start below the noise end")
+
+
+def setup(name, model, x, ts, cond, noise, callback, progress, info=None, check_finite=True):
+    """(evaluator, schedule, state, noise source) for one sampling call; all time-only work done here.
+    `info`, a dict, receives the number of network evaluations ("nfe") and grid steps when sampling ends."""
+    ts = check_grid(ts)
+    if not isinstance(x, torch.Tensor) or x.ndim < 1 or not x.is_floating_point():
+        raise UnifuseError(f"{name}: x must be a floating-point tensor [batch, ...], got {type(x).__name__}")
+    ev = Evaluator(model, x, cond, callback, name, progress, check_finite, info)
+    sch = schedule(model.path, ts)
+    for t in sch.t[:-1]:
+        ev.prepare(t)
+    return ev, sch, x.to(state_dtype(x)), as_noise_source(noise, x.shape[0])
+
+
+def singlestep_orders(sch: Schedule, orders, max_order: int, name: str, zero_snr_first_order: bool = True) -> list:
+    """Order of each step that is not the final denoising step (for the exponential integrators a step from
+    zero SNR is first order: its stage times are undefined there)."""
+    n = len(sch.t) - 1 - (1 if sch.ends_on_data else 0)
+    if orders is None:
+        orders = [max_order] * n
+    orders = [int(o) for o in orders]
+    if len(orders) != n or any(o < 1 or o > max_order for o in orders):
+        raise UnifuseError(f"{name}: orders must list {n} step orders in 1..{max_order} (the final step to the data "
+                           f"is a denoising step), got {orders}")
+    if n and zero_snr_first_order and sch.lam[0] == -INF:
+        orders[0] = 1  # from alpha = 0 the higher-order stages are undefined (h = inf)
+    return orders
+
+
+def linear(x: torch.Tensor, cx: float, terms) -> torch.Tensor:
+    """cx * x + sum_k c_k y_k for (c_k, y_k) in terms, with Python-float coefficients (zeros skipped)."""
+    out = x * cx if cx != 1.0 else x.clone()
+    for c, y in terms:
+        if c != 0.0:
+            out.add_(y, alpha=c)
+    return out
+
+
+def check_options(name: str, options: dict, allowed: Sequence[str]) -> None:
+    """Refuse options the sampler does not take, naming them and the valid ones."""
+    bad = [k for k in options if k not in allowed]
+    if bad:
+        valid = ", ".join(sorted(allowed)) or "none"
+        raise UnifuseError(f"sampler {name!r} does not take option(s) {', '.join(map(repr, bad))}; its options: {valid}")

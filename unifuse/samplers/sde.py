@@ -1,0 +1,124 @@
+"""Reverse-SDE samplers of score SDEs (Song et al. 2021, ALGORITHMS card 5): Euler-Maruyama and the
+predictor-corrector sampler with a Langevin corrector.
+
+Reverse SDE in native time: dx = [f x - g^2 score] dt + g dw, f = alpha'/alpha, g^2 = 2 sigma sigma' - 2 f sigma^2,
+score = -eps_hat/sigma. Euler-Maruyama from s to t (dt = t - s < 0):
+    x_t = (1 + f dt) x_s + dt (g^2/sigma) eps_hat + g sqrt(|dt|) z.
+At alpha_s = 0 (zero terminal SNR) f is infinite: that step is the exact ancestral step instead.
+PC: at each grid time, Langevin corrector steps x <- x + e s + sqrt(2 e) z with e = 2 (snr |z|/|s|)^2, then a
+predictor step (reverse diffusion = DDPM "large", ancestral = DDPM "small", or Euler-Maruyama).
+Norms are per sample (the reference code averages them over the batch, which makes sample i depend on the
+others; `batch_norms=True` reproduces it).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import choose
+from .ancestral import ddpm_coefficients
+from .base import GaussianStep, coefs_at, linear, setup
+
+PREDICTORS = ("reverse_diffusion", "ancestral", "euler_maruyama")
+
+
+def em_coefficients(a_s, s_s, da_s, ds_s, l_s, a_t, s_t, l_t, dt):
+    """(c_x, c_eps, std) of one Euler-Maruyama step (exact ancestral step where alpha_s = 0)."""
+    if a_s == 0.0:
+        c_x, c_0, v_small, _ = ddpm_coefficients(a_s, s_s, l_s, a_t, s_t, l_t)
+        return None, (c_x, c_0), math.sqrt(v_small)
+    f = da_s / a_s
+    g2 = max(2.0 * s_s * ds_s - 2.0 * f * s_s * s_s, 0.0)
+    return 1.0 + f * dt, dt * g2 / s_s, math.sqrt(g2 * -dt)
+
+
+def _em_apply(x, e, coef, rng):
+    c_x, c_e, std = coef
+    if c_x is None:  # the ancestral fallback: c_e holds (c_x, c_0)
+        out = linear(x, c_e[0], [(c_e[1], e.x0)])
+    else:
+        out = linear(x, c_x, [(c_e, e.eps)])
+    return out.add_(rng(out), alpha=std) if std > 0 else out
+
+
+def _em_coefs(sch, i):
+    return em_coefficients(sch.alpha[i], sch.sigma[i], sch.d_alpha[i], sch.d_sigma[i], sch.lam[i],
+                           sch.alpha[i + 1], sch.sigma[i + 1], sch.lam[i + 1], sch.t[i + 1] - sch.t[i])
+
+
+def sample_euler_maruyama(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None):
+    """Euler-Maruyama on the reverse SDE in native time; the last step returns x0_hat (no noise)."""
+    ev, sch, x, rng = setup("euler_maruyama", model, x, ts, cond, noise, callback, progress, info)
+    K = len(sch.t) - 1
+    coefs = [_em_coefs(sch, i) for i in range(K)]
+    for i in ev.steps(K):
+        e = ev(x, sch.t[i])
+        x = e.x0 if sch.sigma[i + 1] == 0.0 else _em_apply(x, e, coefs[i], rng)
+        ev.done(i, sch.t[i + 1], x, e.x0)
+    return ev.finish(x)
+
+
+def langevin_step_size(x, e, sigma: float, snr: float, z, batch_norms: bool = False):
+    """Per-sample Langevin step e = 2 (snr |z| / |score|)^2, shaped to broadcast against x."""
+    flat = lambda v: v.reshape(v.shape[0], -1).norm(dim=1)
+    z_norm, s_norm = flat(z), flat(e.eps) / sigma
+    if batch_norms:
+        z_norm, s_norm = z_norm.mean().expand_as(z_norm), s_norm.mean().expand_as(s_norm)
+    step = 2.0 * (snr * z_norm / s_norm.clamp_min(1e-30)) ** 2
+    return step.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def sample_pc(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, predictor: str = "reverse_diffusion",
+              snr: float = 0.16, n_corrector: int = 1, correctors=None, batch_norms: bool = False):
+    """Predictor-corrector: at each grid time `correctors[i]` (default n_corrector) Langevin steps, then the
+    predictor (at the last noisy time: the denoised estimate)."""
+    choose("PC predictor", predictor, PREDICTORS)
+    ev, sch, x, rng = setup("pc", model, x, ts, cond, noise, callback, progress, info)
+    K = len(sch.t) - 1
+    correctors = [int(n_corrector)] * K if correctors is None else [int(c) for c in correctors]
+    if len(correctors) != K or min(correctors) < 0:
+        from ..errors import UnifuseError
+
+        raise UnifuseError(f"pc: correctors must list {K} non-negative corrector counts (one per grid time), got {correctors}")
+    pred = []
+    for i in range(K):
+        if predictor == "euler_maruyama":
+            pred.append(_em_coefs(sch, i))
+        else:
+            c_x, c_0, v_small, v_large = ddpm_coefficients(sch.alpha[i], sch.sigma[i], sch.lam[i], sch.alpha[i + 1],
+                                                           sch.sigma[i + 1], sch.lam[i + 1])
+            pred.append((None, (c_x, c_0), math.sqrt(v_large if predictor == "reverse_diffusion" else v_small)))
+    for i in ev.steps(K):
+        for _ in range(correctors[i]):  # Langevin corrector at t_i
+            e = ev(x, sch.t[i])
+            z = rng(x)
+            step = langevin_step_size(x, e, sch.sigma[i], snr, z, batch_norms)
+            x = x - (step / sch.sigma[i]) * e.eps + torch.sqrt(2.0 * step) * z
+        e = ev(x, sch.t[i])
+        x = e.x0 if sch.sigma[i + 1] == 0.0 else _em_apply(x, e, pred[i], rng)
+        ev.done(i, sch.t[i + 1], x, e.x0)
+    return ev.finish(x)
+
+
+# --- one-step functions ------------------------------------------------------------------------------------
+def step_euler_maruyama(model, x, s, t, *, cond=None) -> GaussianStep:
+    """One Euler-Maruyama step of the reverse SDE from s to t as a Gaussian."""
+    a_s, s_s, da_s, ds_s, l_s = coefs_at(model.path, s)
+    a_t, s_t, _, _, l_t = coefs_at(model.path, t)
+    e = model.evaluate(x, torch.as_tensor(s, dtype=torch.float64), **(cond or {}))
+    if s_t == 0.0:
+        return GaussianStep(e.x0, 0.0)
+    c_x, c_e, std = em_coefficients(a_s, s_s, da_s, ds_s, l_s, a_t, s_t, l_t, float(t) - float(s))
+    xs = x.to(e.x0.dtype)
+    mean = xs * c_e[0] + e.x0 * c_e[1] if c_x is None else xs * c_x + e.eps * c_e
+    return GaussianStep(mean, std)
+
+
+def step_langevin(model, x, t, *, snr: float = 0.16, z=None, cond=None) -> GaussianStep:
+    """One Langevin corrector step at time t as a Gaussian (step size from the norms of z and the score)."""
+    _, s_t, _, _, _ = coefs_at(model.path, t)
+    e = model.evaluate(x, torch.as_tensor(t, dtype=torch.float64), **(cond or {}))
+    z = torch.randn_like(e.x0) if z is None else z
+    step = langevin_step_size(e.x0, e, s_t, snr, z)
+    return GaussianStep(x.to(e.x0.dtype) - (step / s_t) * e.eps, torch.sqrt(2.0 * step))

@@ -1,0 +1,187 @@
+"""`uf.sample`: a model, noise, a sampler name and an exact NFE budget in; samples out (API.md "Sampling").
+
+A thin convenience over `uf.samplers`: it turns `nfe` into a grid of `uf.paths.time_grid` (spacing, rho,
+shift, sigma range) that starts at the model's noise end (`noise_end_grid`), scales the noise by the path's
+prior there, and calls the sampler function. `nfe` is the exact number of network evaluations (a second-order single step costs two; the final
+step to the data costs one). Budgets are met by these documented rules, never exceeded:
+  one evaluation per step (ddim, ddpm, euler, multistep, SDE, consistency): nfe steps;
+  single-step methods of order p (heun, midpoint, edm_stochastic, dpm_solver_2/3, dpmpp_2s): 1 evaluation for
+    the final step, then as many order-p steps as fit and one lower-order step for the remainder
+    (DPM-Solver-fast's rule); a step from zero SNR is first order for the exponential integrators;
+  pc: levels of (n_corrector + 1) evaluations; a remainder removes correctors from the first levels;
+  adaptive: nfe is an upper bound; exceeding it raises.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import samplers as _samplers
+from .errors import UnifuseError
+from .paths import time_grid
+
+F64 = torch.float64
+
+
+class Trajectory(NamedTuple):
+    """Grid times [K+1], states (K+1 tensors: the start and after each step) and denoised estimates (K)."""
+
+    times: list
+    states: list
+    denoised: list
+
+
+def singlestep_plan(nfe: int, max_order: int, zero_start: bool, remainder: str = "last") -> list:
+    """Orders of the non-final steps of a single-step method so that sum(orders) + 1 == nfe."""
+    budget, orders = nfe - 1, []
+    if zero_start and budget > 0:
+        orders, budget = [1], budget - 1
+    q, r = divmod(budget, max_order)
+    body = [max_order] * q
+    if r:
+        body = body + [r] if remainder == "last" else [r] + body
+    return orders + body
+
+
+def pc_plan(nfe: int, n_corrector: int) -> list:
+    """Corrector counts per grid time so that sum(counts) + levels == nfe (fewer correctors first)."""
+    levels = math.ceil(nfe / (n_corrector + 1))
+    counts = [n_corrector] * levels
+    excess, j = levels * (n_corrector + 1) - nfe, 0
+    while excess > 0:
+        if counts[j] > 0:
+            counts[j] -= 1
+            excess -= 1
+        else:
+            j += 1
+    return counts
+
+
+def plan(name: str, nfe: int, zero_start: bool = False, options: Optional[dict] = None):
+    """(grid steps, extra keyword arguments) that make sampler `name` use exactly `nfe` evaluations."""
+    spec = _samplers.get(name)
+    options = options or {}
+    if spec.cost == "stage":
+        orders = singlestep_plan(nfe, spec.max_order, zero_start and spec.zero_snr_first_order)
+        return len(orders) + 1, {"orders": orders}
+    if spec.cost == "pc":
+        counts = pc_plan(nfe, int(options.get("n_corrector", 1)))
+        return len(counts), {"correctors": counts}
+    if spec.cost == "adaptive":
+        return 1, {"max_nfe": nfe}
+    return nfe, {}
+
+
+def grid_cost(name: str, ts: torch.Tensor, path, options: Optional[dict] = None) -> tuple:
+    """(nfe, extra) for sampler `name` on a given grid (used for user grids)."""
+    spec = _samplers.get(name)
+    K = ts.numel() - 1
+    ends = float(path.sigma(ts[-1:])[0]) == 0.0
+    n = K - 1 if ends else K
+    if spec.cost == "stage":
+        zero = float(path.alpha(ts[:1])[0]) == 0.0 and spec.zero_snr_first_order
+        orders = [spec.max_order] * n
+        if zero and n:
+            orders[0] = 1
+        return sum(orders) + (1 if ends else 0), {"orders": orders}
+    if spec.cost == "pc":
+        m = int((options or {}).get("n_corrector", 1))
+        return K * (m + 1), {"correctors": [m] * K}
+    if spec.cost == "adaptive":
+        return None, {}
+    return K, {}
+
+
+def noise_end_grid(path, steps: int, spacing, grid_kw: dict) -> torch.Tensor:
+    """`time_grid`, starting at the model's noise end: where a spacing stops below it (karras, logsnr and
+    shift clip sigma/alpha at sigma_max, 80 where the path reaches zero SNR), t_max is prepended and the
+    first step goes from there, so the noise is always read as a draw from the prior at the noise end."""
+    ts = time_grid(path, steps, spacing, **grid_kw)
+    t_max = grid_kw["t_max"]
+    if isinstance(spacing, str) and spacing in ("karras", "logsnr", "shift") and steps >= 2 \
+            and float(ts[0]) < t_max - 1e-9 * max(1.0, abs(t_max)):
+        ts = torch.cat([torch.tensor([t_max], dtype=F64), time_grid(path, steps - 1, spacing, **grid_kw)])
+    return ts
+
+
+def _check_nfe(nfe):
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise UnifuseError(f"nfe must be a positive integer (the exact number of network evaluations), got {nfe!r}")
+    return nfe
+
+
+def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: Optional[int] = None, *, spacing=None,
+           generator=None, cond: Optional[dict] = None, guidance=None, guidance_options: Optional[dict] = None,
+           return_trajectory: bool = False, return_info: bool = False, progress: bool = False,
+           rho: float = 7.0, shift: float = 3.0, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
+           **options):
+    """Sample from `model` starting at standard normal `noise` with exactly `nfe` network evaluations.
+
+    spacing: a name of `uf.paths.SPACINGS` (default: the sampler's own, e.g. "logsnr" for DPM-Solver) or a
+    tensor of native times (a user grid; nfe then must match the grid's cost or be None).
+    generator: None, a torch.Generator, an int seed or a list of generators / seeds (one per sample: sample i
+    then depends only on its own seed, whatever the batch size). cond: keyword arguments for the network.
+    guidance: a classifier-free guidance scale (the model is wrapped by `uf.guidance.classifier_free`).
+    Returns x, plus a `Trajectory` if return_trajectory, plus an info dict (nfe, steps, grid, guidance
+    evaluation counts) if return_info."""
+    spec = _samplers.get(sampler)
+    bad = [k for k in options if k not in spec.options]
+    if bad:
+        valid = ", ".join(sorted(spec.options)) or "none"
+        raise UnifuseError(f"sampler {sampler!r} does not take option(s) {', '.join(map(repr, bad))} "
+                           f"(value {options[bad[0]]!r}); its options: {valid}")
+    if not isinstance(noise, torch.Tensor) or noise.ndim < 1 or not noise.is_floating_point():
+        raise UnifuseError(f"noise must be a floating-point tensor [batch, ...] of standard normal values, got "
+                           f"{type(noise).__name__ if not isinstance(noise, torch.Tensor) else tuple(noise.shape)}")
+    if guidance is not None:
+        from .guidance import classifier_free  # lazy: guidance is optional
+
+        model = classifier_free(model, guidance, **(guidance_options or {}))
+    path = model.path
+    t_max = float(getattr(model, "t_max", path.t_max))
+    user_grid = isinstance(spacing, (torch.Tensor, list, tuple))
+    if user_grid:
+        ts = time_grid(path, 1, spacing)
+        cost, extra = grid_cost(sampler, ts, path, options)
+        if nfe is not None and cost is not None and _check_nfe(nfe) != cost:
+            raise UnifuseError(f"this grid of {ts.numel() - 1} steps costs {cost} evaluations with sampler {sampler!r}, "
+                               f"not nfe={nfe}; pass nfe={cost} (or nfe=None) or another grid")
+        if spec.cost == "adaptive":
+            extra = {"max_nfe": nfe} if nfe is not None else {}
+        nfe = cost if cost is not None else nfe
+    else:
+        nfe = _check_nfe(spec.default_nfe if nfe is None else nfe)
+        spacing = spec.spacing if spacing is None else spacing
+        grid_kw = dict(rho=rho, shift=shift, sigma_min=sigma_min, sigma_max=sigma_max, t_max=t_max)
+        steps, extra = plan(sampler, nfe, False, options)
+        ts = noise_end_grid(path, steps, spacing, grid_kw)
+        if spec.zero_snr_first_order and float(path.alpha(ts[:1])[0]) == 0.0:
+            steps, extra = plan(sampler, nfe, True, options)
+            ts = noise_end_grid(path, steps, spacing, grid_kw)
+    x = noise * float(path.sigma(ts[:1])[0])
+    records = Trajectory(ts.tolist(), [x.detach().clone()], []) if return_trajectory else None
+
+    def record(i, t, state, denoised):
+        records.states.append(state.detach().clone())
+        records.denoised.append(None if denoised is None else denoised.detach().clone())
+
+    info = {}
+    source = _samplers.NoiseSource(generator, noise.shape[0])
+    if hasattr(model, "reset_counts"):
+        model.reset_counts()
+    out = spec.fn(model, x, ts, cond=cond, noise=source, callback=record if return_trajectory else None,
+                  progress=progress, info=info, **extra, **options)
+    if spec.cost != "adaptive" and nfe is not None and info.get("nfe") != nfe:
+        raise RuntimeError(f"internal error: sampler {sampler!r} used {info.get('nfe')} evaluations for nfe={nfe}")
+    out = out.to(noise.dtype) if out.dtype != noise.dtype else out
+    result = (out,)
+    if return_trajectory:
+        result += (records,)
+    if return_info:
+        info.update(sampler=sampler, grid=ts.tolist())
+        if hasattr(model, "counts"):
+            info["guidance"] = model.counts()
+        result += (info,)
+    return result[0] if len(result) == 1 else result

@@ -1,0 +1,166 @@
+"""From a Config to the library's parts: data set, network, DiffusionModel, objective, batches.
+
+The model is `DiffusionModel(net, path, prediction, sigma_data, time_input=path.c_noise, scale_input=True)`:
+the network sees unit-scale inputs on every path (EDM's c_in) and the library's noise labels c_noise(t).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..errors import UnifuseError
+from ..model import DiffusionModel
+
+
+def build_data(cfg, split: str = "train"):
+    """The configured data set (unifuse.data.load_dataset)."""
+    from ..data import load_dataset
+
+    data = load_dataset(cfg.data.name, split)
+    if cfg.data.cond in ("class", "text") and (data.labels is None or data.num_classes < 2):
+        raise UnifuseError(f"data.cond={cfg.data.cond!r} needs class labels, but data set {cfg.data.name!r} has none; "
+                           "use data.cond=none")
+    return data
+
+
+def data_info(data) -> dict:
+    """What a checkpoint must remember about the data to rebuild and sample the model."""
+    return {"name": data.name, "shape": list(data.shape), "num_classes": int(data.num_classes), "pad": int(data.pad)}
+
+
+class Flattened(torch.nn.Module):
+    """A vector network (the MLP) applied to images: x [B, C, H, W] is flattened to [B, C*H*W] and back."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.mlp = net
+        self.family, self.config = getattr(net, "family", None), getattr(net, "config", None)
+
+    def forward(self, x, t, **cond):
+        out = self.mlp(x.flatten(1), t, **cond)
+        return out.reshape((x.shape[0], -1) + tuple(x.shape[2:]))
+
+
+def fit_to_data(net: torch.nn.Module, info: dict) -> torch.nn.Module:
+    """Wrap a vector network for image data (see `Flattened`); image networks are returned as they are."""
+    if getattr(net, "family", None) == "mlp" and len(info["shape"]) > 1:
+        return Flattened(net)
+    return net
+
+
+def build_net(cfg, info: dict) -> torch.nn.Module:
+    """The configured network, sized for the data (channels, resolution, classes, text width)."""
+    from ..nets import NET_PRESETS, TEXT_DIM, build_net as nets_build
+
+    options = dict(cfg.model.net_options)
+    family = NET_PRESETS[cfg.model.net][0] if cfg.model.net in NET_PRESETS else cfg.model.net
+    if family == "mlp" and len(info["shape"]) > 1:
+        dim = 1
+        for s in info["shape"]:
+            dim *= int(s)
+        options.setdefault("dim", dim)
+    if cfg.data.cond == "class":
+        options.setdefault("num_classes", info["num_classes"])
+    if cfg.data.cond == "text":
+        options.setdefault("text_dim", TEXT_DIM)
+    if cfg.model.learned_variance:
+        options["learned_variance"] = True
+    return fit_to_data(nets_build(cfg.model.net, **options), info)
+
+
+def build_path(cfg):
+    from .. import paths
+
+    options = dict(cfg.model.path_options)
+    if cfg.model.path == "trigflow":
+        options.setdefault("sigma_d", cfg.model.sigma_data)
+    return paths.get(cfg.model.path, **options)
+
+
+def build_model(cfg, net) -> DiffusionModel:
+    """The DiffusionModel binding `net` to the configured path and prediction."""
+    path = build_path(cfg)
+    return DiffusionModel(net, path, cfg.model.prediction, sigma_data=cfg.model.sigma_data, time_input=path.c_noise,
+                          scale_input=True, learned_variance=cfg.model.learned_variance)
+
+
+def build_objective(cfg, data=None):
+    """The configured objective (unifuse.objectives.get) with the preset's options."""
+    from .. import objectives
+
+    options = dict(cfg.objective.options)
+    if cfg.objective.name == "hybrid" and data is not None and not data.is_image:
+        options.setdefault("decoder", "gaussian")
+    return objectives.get(cfg.objective.name, **options)
+
+
+@dataclass
+class Batches:
+    """Endless shuffled mini-batches, identical order on every process: each global micro-batch is a run of
+    one epoch's permutation (seed, epoch) and process r takes its r-th slice. State (epoch, position) is all a
+    resumed run needs to continue the same stream."""
+
+    data: object
+    micro_batch: int            # images per process per micro-batch
+    rank: int = 0
+    world: int = 1
+    seed: int = 0
+    epoch: int = 0
+    position: int = 0
+
+    def __post_init__(self):
+        self.global_micro = self.micro_batch * self.world
+        if self.global_micro > len(self.data):
+            raise UnifuseError(f"a batch of {self.global_micro} is larger than the data set ({len(self.data)} items); "
+                               "lower data.batch")
+        self._perm_epoch, self._perm = None, None
+
+    def _permutation(self):
+        if self._perm_epoch != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.data), generator=g), self.epoch
+        return self._perm
+
+    def next(self):
+        """(x, labels or None) for this process."""
+        if self.position + self.global_micro > len(self.data):
+            self.epoch, self.position = self.epoch + 1, 0
+        idx = self._permutation()[self.position + self.rank * self.micro_batch:][: self.micro_batch]
+        self.position += self.global_micro
+        labels = self.data.labels[idx] if self.data.labels is not None else None
+        return self.data.images[idx], labels
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+
+class Conditioner:
+    """Labels -> the network's condition dict ({class_labels} or a caption's {text, text_mask}), with
+    classifier-free guidance's condition dropout (`unifuse.guidance.drop_condition`, probability p_uncond).
+    Draws come from a CPU generator so that CPU and GPU runs make the same choices."""
+
+    def __init__(self, cfg, device, info: dict):
+        self.kind, self.p, self.device, self.bank = cfg.data.cond, cfg.data.p_uncond, device, None
+        if self.kind == "text":
+            from ..data import text
+
+            if not text.available():
+                raise UnifuseError(f"preset {cfg.name!r} trains on captions and needs the text encoder; {text.INSTALL_HINT}")
+            from ..data.captions import caption_bank
+
+            self.bank = caption_bank(text.default_encoder(), "train", info["num_classes"])
+
+    def __call__(self, labels: Optional[torch.Tensor], generator: torch.Generator) -> dict:
+        from ..guidance import drop_condition
+
+        if self.kind == "none" or labels is None:
+            return {}
+        cond = {"class_labels": labels} if self.kind == "class" else self.bank.draw(labels, generator)
+        cond = drop_condition(cond, self.p, generator)
+        return {k: v.to(self.device) for k, v in cond.items()}
+
+
+__all__ = ["build_data", "data_info", "build_net", "Flattened", "fit_to_data", "build_path", "build_model", "build_objective", "Batches",
+           "Conditioner"]

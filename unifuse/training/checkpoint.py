@@ -1,0 +1,201 @@
+"""Checkpoints: safetensors files plus a JSON sidecar, written atomically; no pickle on the load path.
+
+    RUN/ckpt/step-00001000/  model.safetensors      raw network weights
+                             ema.safetensors        EMA network weights (what sampling uses)
+                             optimizer.safetensors  optimizer moments (its hyperparameters sit in the sidecar)
+                             training.safetensors   random states of every process, objective and post-hoc EMA state
+                             checkpoint.json        resolved config, path, prediction, step, library version,
+                                                    data shape, network config, data position, file hashes
+    RUN/ckpt/latest.json     {"dir": "step-00001000", "step": 1000}
+
+A checkpoint is written into a temporary folder that is renamed into place, and `latest.json` moves to it
+only afterwards (temporary file, then rename), so an interruption at any moment leaves the previous good
+checkpoint intact. Loading checks the sidecar and every file's SHA-256 and stops with one message naming
+the broken file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import torch
+
+from ..errors import UnifuseError
+
+FORMAT = "unifuse-checkpoint"
+FILES = ("model", "ema", "optimizer", "training")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tensors(state: dict) -> dict:
+    """Detached, contiguous CPU copies (safetensors refuses shared storage)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def write_json(path: str, obj) -> None:
+    """JSON written to a temporary file and renamed into place."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer):
+    """(tensors, JSON-able rest) of an optimizer's state_dict."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return _tensors(tensors), {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_state(tensors: dict, rest: dict) -> dict:
+    """Inverse of `optimizer_tensors`: a state_dict for `optimizer.load_state_dict`."""
+    state = {}
+    for key, value in list(tensors.items()) + list(rest.get("scalars", {}).items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else dict(g) for g in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(run_dir: str, step: int, *, model: dict, ema: dict, optimizer: dict, training: dict,
+                    meta: dict, keep: int = 2) -> str:
+    """Write RUN/ckpt/step-N atomically, point latest.json at it, keep the newest `keep`; returns the folder."""
+    from safetensors.torch import save_file
+
+    root = os.path.join(run_dir, "ckpt")
+    os.makedirs(root, exist_ok=True)
+    name = f"step-{step:08d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    hashes = {}
+    for key, state in zip(FILES, (model, ema, optimizer, training)):
+        path = os.path.join(tmp, f"{key}.safetensors")
+        save_file(_tensors(state), path)
+        hashes[key] = _sha256(path)
+    write_json(os.path.join(tmp, "checkpoint.json"), dict(meta, format=FORMAT, step=int(step), files=hashes))
+    if os.path.exists(final):  # re-saving the same step (e.g. a resumed run that saved it again)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_json(os.path.join(root, "latest.json"), {"dir": name, "step": int(step)})
+    # Prune the oldest checkpoints (never the one just written).
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step-") and os.path.isdir(os.path.join(root, d)))
+    for old in steps[:-keep] if keep > 0 else []:
+        if old != name:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    return final
+
+
+def find_checkpoint(path: str) -> str:
+    """The checkpoint folder for a run folder, its ckpt/ folder, or a step folder."""
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, "checkpoint.json")):
+        return path
+    root = os.path.join(path, "ckpt") if os.path.isdir(os.path.join(path, "ckpt")) else path
+    latest = os.path.join(root, "latest.json")
+    if not os.path.isdir(path):
+        raise UnifuseError(f"no run or checkpoint at {path!r}; train one with: unifuse train digits --out {path}")
+    if not os.path.isfile(latest):
+        raise UnifuseError(f"no checkpoint found in {path!r} (missing {latest}); train with: unifuse train PRESET --out {path}")
+    try:
+        with open(latest) as fh:
+            name = json.load(fh)["dir"]
+    except (ValueError, KeyError, TypeError):
+        raise UnifuseError(f"checkpoint pointer {latest} is corrupt; point --ckpt at a step folder in {root}") from None
+    folder = os.path.join(root, name)
+    if not os.path.isfile(os.path.join(folder, "checkpoint.json")):
+        raise UnifuseError(f"checkpoint {folder} named by {latest} is missing; point --ckpt at another step folder in {root}")
+    return folder
+
+
+def read_meta(folder: str) -> dict:
+    """The sidecar of a checkpoint folder, checked."""
+    path = os.path.join(folder, "checkpoint.json")
+    try:
+        with open(path) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise UnifuseError(f"checkpoint sidecar {path} is missing or corrupt ({type(err).__name__}); "
+                           "use another checkpoint folder") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
+        raise UnifuseError(f"{path} is not a unifuse checkpoint sidecar; use a folder written by unifuse train")
+    return meta
+
+
+def load_tensors(folder: str, key: str, meta: dict | None = None) -> dict:
+    """One safetensors file of a checkpoint, verified against the sidecar's hash."""
+    from safetensors.torch import load_file
+
+    meta = read_meta(folder) if meta is None else meta
+    path = os.path.join(folder, f"{key}.safetensors")
+    if not os.path.isfile(path):
+        raise UnifuseError(f"checkpoint file {path} is missing; the checkpoint is incomplete, use another one")
+    expected = meta.get("files", {}).get(key)
+    if expected is not None and _sha256(path) != expected:
+        raise UnifuseError(f"checkpoint file {path} is corrupt (its SHA-256 does not match the sidecar); "
+                           "use an earlier checkpoint folder")
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own error types for truncated headers
+        raise UnifuseError(f"checkpoint file {path} cannot be read ({type(err).__name__}); use an earlier checkpoint") from None
+
+
+def load_model(run_dir: str, ema=True, device="cpu"):
+    """(DiffusionModel, Config) from a run, its ckpt/ folder or a step folder, ready to sample (eval mode).
+
+    ema: True for the EMA weights, False for the raw weights, or a float sigma_rel for EDM2's post-hoc
+    EMA reconstructed from the run's snapshots (train with optim.posthoc_ema=true)."""
+    from ..config import from_dict
+    from .build import build_model, build_net
+    from .ema import posthoc_ema
+
+    folder = find_checkpoint(run_dir)
+    meta = read_meta(folder)
+    try:
+        cfg = from_dict(meta["config"])
+    except UnifuseError as err:
+        raise UnifuseError(f"the config stored in {folder} does not load with this version of unifuse: {err}") from None
+    net = rebuild_net(meta, cfg, build_net)
+    if isinstance(ema, bool):
+        state = load_tensors(folder, "ema" if ema else "model", meta)
+    else:
+        state = posthoc_ema(os.path.dirname(os.path.dirname(folder)), float(ema), meta["step"])
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        raise UnifuseError(f"the weights in {folder} do not fit the network in its sidecar: {str(err).splitlines()[0]}") from None
+    model = build_model(cfg, net.to(device))
+    model.eval()
+    return model, cfg
+
+
+def rebuild_net(meta: dict, cfg, build_net):
+    """The network of a checkpoint, from the architecture config it stored (or the run config)."""
+    from ..nets import NETS
+    from .build import fit_to_data
+
+    net_meta = meta.get("net") or {}
+    if net_meta.get("family") in NETS and isinstance(net_meta.get("config"), dict):
+        return fit_to_data(NETS[net_meta["family"]](**net_meta["config"]), meta["data"])
+    return build_net(cfg, meta["data"])
+
+
+__all__ = ["save_checkpoint", "find_checkpoint", "read_meta", "load_tensors", "load_model", "rebuild_net",
+           "optimizer_tensors", "optimizer_state", "write_json"]

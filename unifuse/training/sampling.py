@@ -1,0 +1,78 @@
+"""Many samples from a trained model in batches, as the CLI, the training grids and the benchmarks need them.
+
+`generate` draws the noise batch by batch from seeded generators, picks the condition (a class, balanced
+classes, or a prompt), applies classifier-free guidance when asked, and calls `uf.sample` with the run's
+sampler settings (or the caller's).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import UnifuseError
+
+
+def condition_for(model, info: dict, cfg, n: int, *, class_label=None, prompt=None, device="cpu"):
+    """(cond dict or None, labels [n] or None) for n samples of a run with conditioning `cfg.data.cond`."""
+    kind = cfg.data.cond
+    if prompt is not None:
+        if kind != "text":
+            raise UnifuseError(f"--prompt needs a caption-conditional model (e.g. digits-text); this run has data.cond={kind!r}")
+        from ..data.text import encode
+
+        emb = encode([prompt], device=device)
+        return {"text": emb.tokens.expand(n, -1, -1), "text_mask": emb.mask.expand(n, -1)}, None
+    if class_label is not None:
+        k = info.get("num_classes", 0)
+        if kind != "class":
+            raise UnifuseError(f"--class needs a class-conditional model (e.g. digits-cond); this run has data.cond={kind!r}")
+        if not 0 <= int(class_label) < k:
+            raise UnifuseError(f"--class must be in 0..{k - 1}, got {class_label}")
+        labels = torch.full((n,), int(class_label), dtype=torch.long)
+        return {"class_labels": labels.to(device)}, labels
+    if kind == "class":  # balanced classes, so sample statistics match the data's
+        labels = torch.arange(n) % info["num_classes"]
+        return {"class_labels": labels.to(device)}, labels
+    if kind == "text":
+        from ..data.captions import captions_for
+        from ..data.text import encode
+
+        labels = torch.arange(n) % info["num_classes"]
+        emb = encode(captions_for(labels, "heldout", torch.Generator().manual_seed(0)), device=device)
+        return {"text": emb.tokens, "text_mask": emb.mask}, labels
+    return None, None
+
+
+def generate(model, cfg, info: dict, n: int, *, seed: int = 0, device="cpu", batch: int = 500, sampler=None,
+             nfe=None, spacing=None, class_label=None, prompt=None, guidance=None, guidance_options=None,
+             progress: bool = False):
+    """(samples [n, *shape] in data units, labels [n] or None) from `model` with the run's sampler settings."""
+    from tqdm.auto import tqdm
+
+    from ..sampling import sample
+
+    sampler = sampler or cfg.sample.sampler
+    nfe = int(nfe or cfg.sample.nfe)
+    spacing = spacing if spacing is not None else cfg.sample.spacing
+    cond, labels = condition_for(model, info, cfg, n, class_label=class_label, prompt=prompt, device=device)
+    if guidance is not None and cond is None:
+        raise UnifuseError("--guidance needs a conditional model and a condition (--class or --prompt, or a "
+                           "class-conditional run)")
+    model = model.to(device) if isinstance(model, torch.nn.Module) else model
+    shape = tuple(info["shape"])
+    out = []
+    with torch.no_grad():
+        for b, lo in enumerate(tqdm(range(0, n, batch), disable=not progress, desc="sample", leave=False)):
+            m = min(batch, n - lo)
+            g = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
+            noise = torch.randn((m,) + shape, generator=g, device=device)
+            kw = {"generator": g, "guidance": None if guidance is None else float(guidance),
+                  "guidance_options": guidance_options}
+            if spacing:
+                kw["spacing"] = spacing
+            if cond is not None:
+                kw["cond"] = {k: v[lo:lo + m] for k, v in cond.items()}
+            out.append(sample(model, noise, sampler=sampler, nfe=nfe, **kw).float().cpu())
+    return torch.cat(out), labels
+
+
+__all__ = ["generate", "condition_for"]
