@@ -49,19 +49,29 @@ def ensure_run(preset: str, run: str, minutes: float, threads: int) -> str:
     return run
 
 
+def training_seconds(run: str) -> float:
+    """Wall-clock seconds of training, summed over the run's invocations (metrics.jsonl end events)."""
+    total = 0.0
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            total += record.get("seconds", 0.0) if record.get("event") == "end" else 0.0
+    return total
+
+
 def draw(model, cond, labels, w, args, interval=None, seed=0):
     """Samples for `labels` with guidance scale w (None: the plain conditional model), in batches."""
     out, counts = [], {}
     for lo in range(0, labels.shape[0], args.batch):
         hi = min(lo + args.batch, labels.shape[0])
-        g = torch.Generator().manual_seed(seed * 1000 + lo)
-        noise = torch.randn((hi - lo,) + tuple(args.shape), generator=g)
-        part = {k: v[lo:hi] for k, v in cond.items()}
+        g = torch.Generator(args.device).manual_seed(seed * 1000 + lo)
+        noise = torch.randn((hi - lo,) + tuple(args.shape), generator=g, device=args.device)
+        part = {k: v[lo:hi].to(args.device) for k, v in cond.items()}
         opts = {"interval": interval} if interval else None
         with torch.no_grad():
             x, info = uf.sample(model, noise, sampler=args.sampler, nfe=args.nfe, generator=g, cond=part,
                                 guidance=w, guidance_options=opts, return_info=True)
-        out.append(x.float())
+        out.append(x.float().cpu())
         for k, v in info.get("guidance", {}).items():
             counts[k] = counts.get(k, 0) + v
     return torch.cat(out), counts
@@ -75,7 +85,7 @@ def measure(x, labels, evaluator, ref_features):
 
 def sweep(name, model, cond, labels, args, evaluator, ref, rows, grids, extra=None):
     """One row per guidance setting for one conditioning kind."""
-    settings = [("unconditional", 0.0, None), ("conditional", None, None)]
+    settings = [("unconditional", 0.0, None), ("conditional", 1.0, None)]  # w = 1: exactly the conditional model
     settings += [(f"cfg w={w:g}", w, None) for w in args.scales if w not in (0.0, 1.0)]
     if args.interval:
         settings += [(f"cfg w={w:g}, sigma in ({args.interval[0]:g}, {args.interval[1]:g}]", w, tuple(args.interval))
@@ -83,7 +93,7 @@ def sweep(name, model, cond, labels, args, evaluator, ref, rows, grids, extra=No
     for label, w, interval in settings:
         t0 = time.time()
         x, counts = draw(model, cond, labels, w, args, interval)
-        row = {"model": name, "setting": label, "scale": 1.0 if w is None else w, "interval": interval,
+        row = {"model": name, "setting": label, "scale": w, "interval": interval,
                **measure(x, labels, evaluator, ref), "seconds": round(time.time() - t0, 1), "evals": counts}
         rows.append(row)
         grids[(name, label)] = x
@@ -148,6 +158,7 @@ def main(argv=None):
     p.add_argument("--n-per-class", type=int, default=50)
     p.add_argument("--sampler", default="dpmpp_2m"), p.add_argument("--nfe", type=int, default=20)
     p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="folder for JSON and PNGs (default RUNS/bench-DATA)")
     p.add_argument("--doc", default=None, help="markdown report (default OUT/report.md)")
     args = p.parse_args(argv)
@@ -168,12 +179,12 @@ def main(argv=None):
     for kind in ("cond", "text"):
         run = getattr(args, f"{'class' if kind == 'cond' else 'text'}_run") or os.path.join(args.runs, f"{args.data}-{kind}")
         run = ensure_run(f"{args.data}-{kind}", run, args.minutes, args.threads)
-        model, cfg = load_model(run)
+        model, cfg = load_model(run, device=args.device)
         meta = read_meta(find_checkpoint(run))
         args.shape = meta["data"]["shape"]
         name = "class" if kind == "cond" else "text (held-out captions)"
         train_info[name] = (f"run {run}, preset {cfg.name}, step {meta.get('step')}, "
-                            f"{meta.get('training', {}).get('seconds', '?')} s of training")
+                            f"{training_seconds(run):.0f} s of training")
         if kind == "cond":
             cond = {"class_labels": labels}
             extra = None
@@ -184,6 +195,7 @@ def main(argv=None):
                 clf = NoisyClassifier(model.path, in_channels=args.shape[0], num_classes=data.num_classes)
                 train_classifier(clf, data.images, data.labels, steps=args.classifier_steps,
                                  generator=torch.Generator().manual_seed(0))
+                clf = clf.to(args.device)
                 train_info["noise-conditional classifier"] = (f"{args.classifier_steps} steps in {time.time() - t0:.0f} s, "
                                                               f"clean accuracy {accuracy(clf, data.images, data.labels):.3f}")
                 guided = G.classifier_guidance(model, clf, args.classifier_scale, pass_labels=True)
@@ -204,6 +216,8 @@ def main(argv=None):
             k = args.n_per_class
             cols = min(k, 12)
             pick = torch.cat([x[c * k:c * k + cols] for c in range(data.num_classes)])
+            while pick.shape[-1] < 64:  # nearest-neighbour upscaling so small digits stay visible
+                pick = pick.repeat_interleave(2, -1).repeat_interleave(2, -2)
             fname = os.path.join(out, f"grid-{name.split()[0]}-{setting.split(',')[0].replace(' ', '').replace('=', '')}.png")
             files.append(save_image_grid(pick, fname, nrow=cols))
     with open(os.path.join(out, "results.json"), "w") as f:

@@ -25,7 +25,8 @@ FAMILIES = ("ddpm", "iddpm", "vpsde", "vesde", "edm", "rf", "trigflow", "ct")
 
 def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe: int, sampler: str | None,
             overrides: list, out: str, precision: str | None) -> dict:
-    """Train `dataset-family` for `minutes` of wall-clock time, sample n images, measure them."""
+    """Train `dataset-family` for `minutes` of this process's CPU time (robust on a shared machine; with one
+    thread it is the time an idle core would take), sample n images, measure them."""
     import torch
 
     torch.set_num_threads(threads)
@@ -42,7 +43,8 @@ def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe
     # on a few warm-up steps, so that its schedule spans the run as in the preset.
     rate = measure_rate(cfg)
     steps = max(10, int(rate * minutes * 60))
-    extra = [f"train.steps={steps}", f"train.minutes={minutes}", "train.device=cpu", f"train.ckpt_every={steps}"]
+    extra = [f"train.steps={steps}", f"train.minutes={minutes}", "train.clock=process", "train.device=cpu",
+             f"train.ckpt_every={steps}", f"train.threads={threads}"]
     if precision:
         extra.append(f"train.precision={precision}")
     if cfg.objective.name == "ct":
@@ -51,9 +53,9 @@ def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe
     if os.path.exists(out):
         import shutil
         shutil.rmtree(out)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     summary = train(cfg, out, progress=False, log=lambda *a: None)
-    train_s = time.time() - t0
+    train_s, train_cpu_s = time.time() - t0, time.process_time() - c0
     model, cfg = load_model(out)
     info = read_meta(find_checkpoint(out))["data"]
     t0 = time.time()
@@ -61,6 +63,7 @@ def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe
     sample_s = time.time() - t0
     report = heldout_fd(x, info["name"])
     report.update(family=family, dataset=dataset, preset=name, steps=summary["step"], train_s=round(train_s, 1),
+                  train_cpu_s=round(train_cpu_s, 1),
                   sample_s=round(sample_s, 1), sampler=sampler or cfg.sample.sampler, nfe=nfe, n=n, threads=threads,
                   precision=cfg.train.precision, loss=summary["loss"],
                   peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
@@ -77,7 +80,7 @@ def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe
 
 
 def measure_rate(cfg, steps: int = 4) -> float:
-    """Optimizer steps per second of this config on this process's threads (after one warm-up step)."""
+    """Optimizer steps per CPU-second of this config on this process's threads (after one warm-up step)."""
     import torch
 
     from unifuse.training.build import build_data, build_model, build_net, build_objective, data_info
@@ -92,13 +95,13 @@ def measure_rate(cfg, steps: int = 4) -> float:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     for i in range(steps + 1):
         if i == 1:
-            t0 = time.time()
+            t0 = time.process_time()
         with autocast:
             loss = objective(model, x, cond, generator=g).mean()
         loss.backward()
         opt.step()
         opt.zero_grad()
-    return steps / (time.time() - t0)
+    return steps / (time.process_time() - t0)
 
 
 def write_markdown(results: list, path: str, command: str, note: str) -> None:
@@ -109,13 +112,13 @@ def write_markdown(results: list, path: str, command: str, note: str) -> None:
              "`unifuse.metrics`) of the samples and of the whole held-out split; floor: the same distance for as "
              "many training images as samples. Both sides use the same image counts, so ratio = FD / floor is 1 "
              "for a perfect model.", "",
-             "| data | family | steps | train s | sampler | NFE | n | FD held-out | floor | ratio | peak RSS MB | grid |",
-             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| data | family | steps | CPU s | wall s | sampler | NFE | n | FD held-out | floor | ratio | peak RSS MB | grid |",
+             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['dataset']} | {r['family']} | | | | | | error: {r['error']} | | | | |")
+            lines.append(f"| {r['dataset']} | {r['family']} | | | | | | | error: {r['error']} | | | | |")
             continue
-        lines.append(f"| {r['dataset']} | {r['family']} | {r['steps']} | {r['train_s']} | {r['sampler']} | {r['nfe']} | "
+        lines.append(f"| {r['dataset']} | {r['family']} | {r['steps']} | {r['train_cpu_s']} | {r['train_s']} | {r['sampler']} | {r['nfe']} | "
                      f"{r['n']} | {r['fd_heldout']:.3f} | {r['fd_floor']:.3f} | {r['fd_ratio']:.2f} | {r['peak_rss_mb']} | "
                      f"{r['grid']} |")
     os.makedirs(os.path.dirname(path), exist_ok=True)

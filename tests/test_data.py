@@ -6,8 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from unifuse.data import (TOY_ENTROPY, TOYS, Checkerboard, from_uint8, load_dataset, sample_toy, split_indices,
-                          to_uint8, toy_density, toy_entropy)
+from unifuse.data import (
+    TOY_ENTROPY,
+    TOYS,
+    Checkerboard,
+    from_uint8,
+    load_dataset,
+    sample_toy,
+    split_indices,
+    to_uint8,
+    toy_density,
+    toy_entropy,
+)
 from unifuse.errors import UnifuseError
 
 
@@ -56,6 +66,12 @@ def test_folder_of_images_with_class_subfolders_and_cache(tmp_path):
     torch.testing.assert_close(again.images, full.images)
     gray = load_dataset(name, "heldout", size=8, channels=1, cache_dir=str(cache))
     assert gray.shape == (1, 8, 8) and len(gray) == 4 and len(list(cache.glob("*.safetensors"))) == 2
+    (tmp_path / "flat").mkdir()
+    for i in range(6):  # grayscale files without class folders: one channel, no labels
+        Image.fromarray(np.full((12, 12), 40 * i, dtype=np.uint8)).save(tmp_path / "flat" / f"{i}.png")
+    flat = load_dataset(f"folder:{tmp_path / 'flat'}", "all", size=4, cache_dir=str(cache))
+    assert flat.shape == (1, 4, 4) and flat.labels is None and flat.num_classes == 0
+    torch.testing.assert_close(flat.images[:, 0, 0, 0], torch.arange(6.0) * 40 / 127.5 - 1)
     with pytest.raises(UnifuseError, match="does not exist"):
         load_dataset(f"folder:{tmp_path / 'nope'}")
 

@@ -7,8 +7,20 @@ import torch
 
 from unifuse.data import load_dataset, sample_toy, toy_entropy
 from unifuse.errors import UnifuseError
-from unifuse.metrics import (classifier_info, classify, cross_entropy, evaluate_images, evaluate_toy, frechet_distance,
-                             frechet_from_stats, load_classifier, mmd, precision_recall, real_floor, sliced_wasserstein)
+from unifuse.metrics import (
+    classifier_info,
+    classify,
+    cross_entropy,
+    evaluate_images,
+    evaluate_toy,
+    frechet_distance,
+    frechet_from_stats,
+    load_classifier,
+    mmd,
+    precision_recall,
+    real_floor,
+    sliced_wasserstein,
+)
 
 F64 = torch.float64
 
@@ -19,6 +31,7 @@ def test_frechet_closed_forms():
     S1, S2 = a @ a.T + torch.eye(5, dtype=F64), torch.diag(torch.rand(5, generator=g, dtype=F64) + 0.5)
     m1, m2 = torch.randn(5, generator=g, dtype=F64), torch.randn(5, generator=g, dtype=F64)
     assert frechet_from_stats(m1, S1, m1, S1) < 1e-9                               # d(P, P) = 0
+    assert abs(frechet_from_stats(m1, S1, m2, S2) - frechet_from_stats(m2, S2, m1, S1)) < 1e-9  # symmetric
     assert abs(frechet_from_stats(m1, S1, m2, S1) - float((m1 - m2).square().sum())) < 1e-9  # equal covariances
     d1, d2 = torch.rand(5, generator=g, dtype=F64) + 0.1, torch.rand(5, generator=g, dtype=F64) + 0.1
     exact = float((m1 - m2).square().sum() + (d1.sqrt() - d2.sqrt()).square().sum())  # commuting covariances

@@ -128,6 +128,7 @@ def test_unet_channels_last_and_bf16_autocast():
     assert bool(torch.isfinite(low).all()) and float((low.float() - ref).abs().max()) < 0.1 * float(ref.abs().max()) + 1e-3
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own jvp decompositions use torch.jit.script
 @pytest.mark.parametrize("name", ["unet-digits-text", "dit-digits-text"])
 def test_forward_mode_jvp_through_attention(name):
     # sCM training differentiates the net forward in (x, t): the attention must support torch.func.jvp.
@@ -135,7 +136,7 @@ def test_forward_mode_jvp_through_attention(name):
     x, t = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([1.0, 2.0], dtype=torch.float64)
     text, mask = torch.randn(2, 4, NET_PRESETS[name][1]["text_dim"], dtype=torch.float64), torch.ones(2, 4).bool()
     vx, vt = torch.randn_like(x), torch.ones_like(t)
-    f = lambda x_, t_: net(x_, t_, text=text, text_mask=mask)  # noqa: E731
+    f = lambda x_, t_: net(x_, t_, text=text, text_mask=mask)
     _, tangent = torch.func.jvp(f, (x, t), (vx, vt))
     h = 1e-5
     fd = (f(x + h * vx, t + h * vt) - f(x - h * vx, t - h * vt)) / (2 * h)

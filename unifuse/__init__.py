@@ -11,6 +11,8 @@ from .model import DiffusionModel
 from . import samplers  # noqa: E402
 from .sampling import sample  # noqa: E402
 from . import guidance  # noqa: E402  (classifier_free, autoguidance, classifier_guidance)
+from . import objectives  # noqa: E402  (losses, time densities, weightings; training lives in unifuse.training)
+from . import data, metrics, nets  # noqa: E402  (data sets; FD / precision-recall / toy distances; architectures)
 
 __version__ = "0.1.0"
 

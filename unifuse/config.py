@@ -69,7 +69,8 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 4000               # total optimizer steps of the run
-    minutes: float = 0.0            # wall-clock budget; 0 means none (the run stops at whichever comes first)
+    minutes: float = 0.0            # time budget; 0 means none (the run stops at whichever comes first)
+    clock: str = "wall"             # wall | process: budget in wall-clock time or in this process's CPU time
     seed: int = 0
     log_every: int = 25
     sample_every: int = 0           # a sample grid every N steps (0: only at the end)
@@ -181,6 +182,7 @@ def validate(cfg: Config) -> Config:
     choose("objective", o.name, OBJECTIVES)
     choose("data.cond", d.cond, CONDITIONS)
     choose("train.precision", t.precision, PRECISIONS)
+    choose("train.clock", t.clock, ("wall", "process"))
     checks = [
         (d.batch >= 1, f"data.batch must be >= 1, got {d.batch}"),
         (0.0 <= d.p_uncond < 1.0, f"data.p_uncond must be in [0, 1), got {d.p_uncond}"),

@@ -84,7 +84,7 @@ def split_indices(n: int, labels: Optional[np.ndarray], split: str, seed: int = 
     return np.flatnonzero(mask if split == "heldout" else ~mask)
 
 
-# --- raw loaders (memoised: they return read-only arrays and cost seconds) ------------------------------
+# --- raw loaders (memoised: they cost seconds; callers copy before changing anything) -------------------
 @functools.lru_cache(maxsize=None)
 def _digits_raw():
     from sklearn.datasets import load_digits
@@ -139,7 +139,6 @@ def load_folder_set(folder: str, split: str = "train", size: int = 32, channels:
     """Every image under `folder`, centre-cropped to a square, resized to size x size, grayscale (channels=1) or RGB
     (3; default: grayscale if every file is). Sub-folders become class labels when there are two or more of them.
     The decoded array is cached (safetensors) under a hash of the file list, size and channels."""
-    from PIL import Image
     from safetensors.numpy import load_file, save_file
 
     root = Path(folder).expanduser()
@@ -161,10 +160,9 @@ def load_folder_set(folder: str, split: str = "train", size: int = 32, channels:
         arrays = load_file(str(path))
         x, y = arrays["images"], arrays.get("labels")
     else:
-        opened = [Image.open(p) for p in files]
-        if channels is None:
-            channels = 1 if all(im.mode in ("L", "1", "I", "I;16", "LA") for im in opened) else 3
-        x = np.stack([_square(im.convert("L" if channels == 1 else "RGB"), size) for im in opened])
+        if channels is None:  # reads headers only
+            channels = 1 if all(_mode(p) in ("L", "1", "I", "I;16", "LA") for p in files) else 3
+        x = np.stack([_decode(p, "L" if channels == 1 else "RGB", size) for p in files])
         x = x.reshape(len(files), size, size, channels)
         y = np.array([classes.index(p.relative_to(root).parts[0]) for p in files], dtype=np.int64) if labelled else None
         cache.mkdir(parents=True, exist_ok=True)
@@ -175,9 +173,17 @@ def load_folder_set(folder: str, split: str = "train", size: int = 32, channels:
     return _finish(f"folder:{folder}", x, y, split, len(classes) if labelled else 0, 0, classes if labelled else ())
 
 
-def _square(im, size: int) -> np.ndarray:
-    """Centre-crop to a square and resize to size x size (Lanczos)."""
+def _mode(path: Path) -> str:
     from PIL import Image
+    with Image.open(path) as im:
+        return im.mode
+
+
+def _decode(path: Path, mode: str, size: int) -> np.ndarray:
+    """Decode one image, centre-crop it to a square and resize to size x size (Lanczos)."""
+    from PIL import Image
+    with Image.open(path) as f:
+        im = f.convert(mode)
     w, h = im.size
     s = min(w, h)
     im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))

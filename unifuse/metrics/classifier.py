@@ -21,9 +21,8 @@ FEATURE_DIM = 64
 
 
 class FeatureNet(nn.Module):
-    """[strided conv stem down to 16x16] -> conv blocks (conv-BN-ReLU x2, 2x2 max-pooling while the map is larger
-    than 4x4) -> global average pool ->
-    Linear-ReLU features [B, feature_dim] -> Linear logits [B, num_classes]."""
+    """[strided conv stem down to 16x16] -> 3 stages of (conv-BN-ReLU) x2 with 2x2 max-pooling while the map is
+    larger than 4x4 -> global average pool -> Linear-ReLU features [B, feature_dim] -> Linear logits."""
 
     def __init__(self, in_channels: int = 1, resolution: int = 8, width: int = 32, feature_dim: int = FEATURE_DIM,
                  num_classes: int = 10):

@@ -27,10 +27,10 @@ NET_PRESETS = {
     "mlp-toy":     ("mlp",  dict(dim=2, width=256, depth=4, emb_dim=128)),
     "unet-digits": ("unet", dict(in_channels=1, resolution=8, channels=32, channel_mult=(1, 2), num_res_blocks=2,
                                  attn_resolutions=(4,), dropout=0.1)),
-    "unet-mnist":  ("unet", dict(in_channels=1, resolution=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                                 attn_resolutions=(8,), dropout=0.1)),
+    "unet-mnist":  ("unet", dict(in_channels=1, resolution=32, patch=2, channels=32, channel_mult=(1, 2, 2),
+                                 num_res_blocks=1, attn_resolutions=(8, 4), dropout=0.1)),
     "dit-digits":  ("dit",  dict(in_channels=1, resolution=8, patch=2, width=128, depth=6, heads=4)),
-    "dit-mnist":   ("dit",  dict(in_channels=1, resolution=32, patch=4, width=192, depth=8, heads=6)),
+    "dit-mnist":   ("dit",  dict(in_channels=1, resolution=32, patch=4, width=128, depth=6, heads=4)),
 }
 for _name in list(NET_PRESETS):  # conditional variants: "<preset>-cond" (10 classes) and "<preset>-text" (captions)
     _family, _kw = NET_PRESETS[_name]

@@ -152,6 +152,6 @@ class Attention(nn.Module):
         else:
             context = h
         k, v = self.kv(context.to(self.kv.weight.dtype)).chunk(2, dim=-1)
-        split = lambda z: z.reshape(B, z.shape[1], self.heads, dim // self.heads).transpose(1, 2)  # noqa: E731
+        split = lambda z: z.reshape(B, z.shape[1], self.heads, dim // self.heads).transpose(1, 2)
         o = attend(split(self.q(h)), split(k), split(v), mask4, self.impl)
         return self.out(o.transpose(1, 2).reshape(B, N, dim))

@@ -59,7 +59,7 @@ SAMPLERS = {
                                                           "denoise_corrected")),
     "ipndm": Sampler(sample_ipndm, "step", 4, "karras", ("order", "lower_order_final", "variable")),
     "euler_maruyama": Sampler(sample_euler_maruyama, "step", 1, "uniform", (), True, default_nfe=1000),
-    "pc": Sampler(sample_pc, "pc", 1, "uniform", ("predictor", "snr", "n_corrector", "batch_norms"), True,
+    "pc": Sampler(sample_pc, "pc", 1, "uniform", ("predictor", "snr", "n_corrector", "step_rule"), True,
                   default_nfe=1000),
     "midpoint": Sampler(sample_midpoint, "stage", 2, "karras", ()),
     "consistency": Sampler(sample_consistency, "step", 1, "karras", (), True, default_nfe=2),

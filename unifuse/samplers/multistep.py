@@ -131,11 +131,10 @@ def step_dpmpp_sde(model, x, s, t, *, previous=None, cond=None, variant: str = "
 
     times = [previous[0], s, t] if previous is not None else [s, t]
     sch = schedule(model.path, times)
-    i = len(times) - 2
-    cx, w, std = sde_dpmpp_weights(sch, i, 2 if previous is not None else 1, variant)
     e = model.evaluate(x, torch.as_tensor(s, dtype=torch.float64), **(cond or {}))
     if sch.sigma[-1] == 0.0:
         return GaussianStep(e.x0, 0.0)
+    cx, w, std = sde_dpmpp_weights(sch, len(times) - 2, 2 if previous is not None else 1, variant)
     hist = [e.x0] + ([previous[1].to(e.x0.dtype)] if previous is not None else [])
     return GaussianStep(linear(x.to(e.x0.dtype), cx, list(zip(w, hist))), std)
 

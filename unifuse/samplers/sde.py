@@ -7,8 +7,10 @@ score = -eps_hat/sigma. Euler-Maruyama from s to t (dt = t - s < 0):
 At alpha_s = 0 (zero terminal SNR) f is infinite: that step is the exact ancestral step instead.
 PC: at each grid time, Langevin corrector steps x <- x + e s + sqrt(2 e) z with e = 2 (snr |z|/|s|)^2, then a
 predictor step (reverse diffusion = DDPM "large", ancestral = DDPM "small", or Euler-Maruyama).
-Norms are per sample (the reference code averages them over the batch, which makes sample i depend on the
-others; `batch_norms=True` reproduces it).
+The default step rule is e = 2 (snr sigma)^2 (annealed Langevin, Song & Ermon 2019), which the norm rule
+approaches when eps_hat has unit scale; step_rule="norms" uses the norms per sample (unstable in very low
+dimension, where the ratio is heavy-tailed) and "batch_norms" averages them over the batch as the score_sde
+code does (sample i then depends on the other samples).
 """
 from __future__ import annotations
 
@@ -59,21 +61,31 @@ def sample_euler_maruyama(model, x, ts, *, cond=None, noise=None, callback=None,
     return ev.finish(x)
 
 
-def langevin_step_size(x, e, sigma: float, snr: float, z, batch_norms: bool = False):
-    """Per-sample Langevin step e = 2 (snr |z| / |score|)^2, shaped to broadcast against x."""
+STEP_RULES = ("norms", "batch_norms", "sigma")
+
+
+def langevin_step_size(x, e, sigma: float, snr: float, z, rule: str = "norms"):
+    """Langevin step size, shaped to broadcast against x:
+    "norms": 2 (snr |z| / |score|)^2 per sample (Song et al. 2021); "batch_norms": the same with both norms
+    averaged over the batch (the score_sde code; sample i then depends on the batch); "sigma": 2 (snr sigma)^2,
+    the annealed-Langevin rule step ~ sigma^2 (Song & Ermon 2019), equal to "norms" when eps_hat has unit
+    scale and stable in any dimension ("norms" needs many dimensions: in 1-D the ratio is heavy-tailed)."""
+    if rule == "sigma":
+        return torch.full((x.shape[0],) + (1,) * (x.ndim - 1), 2.0 * (snr * sigma) ** 2, dtype=x.dtype, device=x.device)
     flat = lambda v: v.reshape(v.shape[0], -1).norm(dim=1)
     z_norm, s_norm = flat(z), flat(e.eps) / sigma
-    if batch_norms:
+    if rule == "batch_norms":
         z_norm, s_norm = z_norm.mean().expand_as(z_norm), s_norm.mean().expand_as(s_norm)
     step = 2.0 * (snr * z_norm / s_norm.clamp_min(1e-30)) ** 2
     return step.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
 def sample_pc(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, predictor: str = "reverse_diffusion",
-              snr: float = 0.16, n_corrector: int = 1, correctors=None, batch_norms: bool = False):
+              snr: float = 0.16, n_corrector: int = 1, correctors=None, step_rule: str = "sigma"):
     """Predictor-corrector: at each grid time `correctors[i]` (default n_corrector) Langevin steps, then the
     predictor (at the last noisy time: the denoised estimate)."""
     choose("PC predictor", predictor, PREDICTORS)
+    choose("Langevin step rule", step_rule, STEP_RULES)
     ev, sch, x, rng = setup("pc", model, x, ts, cond, noise, callback, progress, info)
     K = len(sch.t) - 1
     correctors = [int(n_corrector)] * K if correctors is None else [int(c) for c in correctors]
@@ -93,7 +105,7 @@ def sample_pc(model, x, ts, *, cond=None, noise=None, callback=None, progress=Fa
         for _ in range(correctors[i]):  # Langevin corrector at t_i
             e = ev(x, sch.t[i])
             z = rng(x)
-            step = langevin_step_size(x, e, sch.sigma[i], snr, z, batch_norms)
+            step = langevin_step_size(x, e, sch.sigma[i], snr, z, step_rule)
             x = x - (step / sch.sigma[i]) * e.eps + torch.sqrt(2.0 * step) * z
         e = ev(x, sch.t[i])
         x = e.x0 if sch.sigma[i + 1] == 0.0 else _em_apply(x, e, pred[i], rng)
@@ -115,10 +127,10 @@ def step_euler_maruyama(model, x, s, t, *, cond=None) -> GaussianStep:
     return GaussianStep(mean, std)
 
 
-def step_langevin(model, x, t, *, snr: float = 0.16, z=None, cond=None) -> GaussianStep:
+def step_langevin(model, x, t, *, snr: float = 0.16, z=None, rule: str = "norms", cond=None) -> GaussianStep:
     """One Langevin corrector step at time t as a Gaussian (step size from the norms of z and the score)."""
     _, s_t, _, _, _ = coefs_at(model.path, t)
     e = model.evaluate(x, torch.as_tensor(t, dtype=torch.float64), **(cond or {}))
     z = torch.randn_like(e.x0) if z is None else z
-    step = langevin_step_size(e.x0, e, s_t, snr, z)
+    step = langevin_step_size(e.x0, e, s_t, snr, z, rule)
     return GaussianStep(x.to(e.x0.dtype) - (step / s_t) * e.eps, torch.sqrt(2.0 * step))

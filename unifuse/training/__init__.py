@@ -7,7 +7,8 @@
 """
 from .checkpoint import find_checkpoint, load_model, read_meta
 from .ema import EMA, PowerEMA, posthoc_ema
-from .loop import TrainingDiverged, learning_rate, plot_loss_curve, train
+from .loop import TrainingDiverged, learning_rate, train
+from .plots import plot_loss_curve
 
 __all__ = ["train", "load_model", "find_checkpoint", "read_meta", "EMA", "PowerEMA", "posthoc_ema",
            "TrainingDiverged", "learning_rate", "plot_loss_curve"]

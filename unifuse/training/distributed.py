@@ -79,9 +79,9 @@ def all_sum(env: Env, values: torch.Tensor) -> torch.Tensor:
     """Sum a small tensor over ranks (in place on a copy); one collective."""
     if not env.distributed:
         return values
-    values = values.clone()
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
+    work = values.to(env.device, copy=True)  # NCCL reduces GPU tensors only
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    return work.to(values.device)
 
 
 def gather_objects(env: Env, obj) -> list:

@@ -26,6 +26,7 @@ from .build import (Batches, Conditioner, build_data, build_model, build_net, bu
 from .checkpoint import (find_checkpoint, load_tensors, optimizer_state, optimizer_tensors, read_meta,
                          save_checkpoint)
 from .ema import EMA, PowerEMA
+from .plots import plot_loss_curve, sample_grid
 
 
 class TrainingDiverged(UnifuseError):
@@ -86,9 +87,15 @@ def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, lo
     if resume is not None:
         folder = find_checkpoint(resume)
         meta = read_meta(folder)
-        net.load_state_dict(load_tensors(folder, "model", meta))
-        ema.net.load_state_dict(load_tensors(folder, "ema", meta))
-        opt.load_state_dict(optimizer_state(load_tensors(folder, "optimizer", meta), meta["optimizer"]))
+        try:
+            net.load_state_dict(load_tensors(folder, "model", meta))
+            ema.net.load_state_dict(load_tensors(folder, "ema", meta))
+            opt.load_state_dict(optimizer_state(load_tensors(folder, "optimizer", meta), meta["optimizer"]))
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise UnifuseError(f"the checkpoint {folder} does not fit the configured network or optimizer "
+                               f"({str(err).splitlines()[0][:200]}); resume without changing model.* settings") from None
+        for group in opt.param_groups:  # the config, not the checkpoint, decides these (no silent leftovers)
+            group["betas"], group["weight_decay"] = tuple(cfg.optim.betas), cfg.optim.weight_decay
         extra = load_tensors(folder, "training", meta)
         step, images = int(meta["step"]), int(meta["images"])
         batches.epoch, batches.position = meta["batches"]["epoch"], meta["batches"]["position"]
@@ -148,6 +155,8 @@ def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, lo
     # --- 6. the loop -------------------------------------------------------------------------
     total = cfg.train.steps
     budget = cfg.train.minutes * 60.0 if cfg.train.minutes > 0 else math.inf
+    clock = time.process_time if cfg.train.clock == "process" else time.time  # CPU time: fair on a shared machine
+    clock_start = clock()
     bar = _progress(progress and env.main, total, step)
     reason, last_ckpt, tick, tick_step, sums = "steps", None, time.time(), step, torch.zeros(2, dtype=torch.float64)
     interrupt = _InterruptFlag(enabled=not env.distributed)  # Ctrl-C ends the step, checkpoints, stops
@@ -169,7 +178,7 @@ def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, lo
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
             # One collective per step: the summed loss, a non-finite flag and rank 0's out-of-time flag.
-            out_of_time = float(time.time() - start_time > budget) if env.main else 0.0
+            out_of_time = float(clock() - clock_start > budget) if env.main else 0.0
             finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
             flags = distributed.all_sum(env, torch.tensor([float(loss_sum) / cfg.optim.accumulate, float(not finite), out_of_time],
                                                           dtype=torch.float64))
@@ -319,77 +328,4 @@ def _progress(enabled: bool, total: int, initial: int):
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
 
 
-def sample_grid(cfg, net, info: dict, path: str, device, n: int | None = None, seed: int = 0) -> str | None:
-    """A PNG grid of samples from `net` with the config's sampler (skipped with a note if sampling fails)."""
-    from .sampling import generate
-
-    n = n or cfg.sample.grid
-    try:
-        model = build_model(cfg, net)
-        images, _ = generate(model, cfg, info, n, seed=seed, device=device)
-    except (ImportError, AttributeError, UnifuseError) as err:
-        print(f"note: no sample grid ({err})")
-        return None
-    from ..viz import save_image_grid
-    if images.ndim != 4:
-        return plot_points(images, path)
-    return save_image_grid(images, path, nrow=int(math.ceil(math.sqrt(n))))
-
-
-def plot_points(points: torch.Tensor, path: str) -> str:
-    """Scatter plot of 2-D samples (the toy sets' "grid")."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..viz import _tmp_then_rename
-
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    pts = points.detach().cpu().float().numpy()
-    ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
-    ax.set_aspect("equal")
-    fig.tight_layout()
-    out = _tmp_then_rename(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
-    return out
-
-
-def plot_loss_curve(metrics_path: str, png: str) -> str | None:
-    """Loss against step (log scale; raw and smoothed) from a metrics.jsonl file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..viz import _tmp_then_rename
-
-    steps, losses = [], []
-    with open(metrics_path) as fh:
-        for line in fh:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if "loss" in rec and rec["loss"] is not None:
-                steps.append(rec["step"]), losses.append(rec["loss"])
-    if not steps:
-        return None
-    smooth, acc = [], None
-    for v in losses:
-        acc = v if acc is None else 0.9 * acc + 0.1 * v
-        smooth.append(acc)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    ax.plot(steps, losses, alpha=0.35, label="loss")
-    ax.plot(steps, smooth, label="smoothed")
-    ax.set_xlabel("step"), ax.set_ylabel("training loss")
-    if min(losses) > 0:
-        ax.set_yscale("log")
-    ax.grid(True, alpha=0.3), ax.legend()
-    fig.tight_layout()
-    out = _tmp_then_rename(png, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
-    return out
-
-
-__all__ = ["train", "learning_rate", "TrainingDiverged", "sample_grid", "plot_loss_curve"]
+__all__ = ["train", "learning_rate", "TrainingDiverged", "weights_digest"]

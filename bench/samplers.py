@@ -1,0 +1,385 @@
+"""Samplers against diffusers' schedulers on exact Gaussian-mixture problems, and sampling overhead.
+
+    python bench/samplers.py            # full run (several minutes on 2 cores), writes docs/benchmarks/samplers.md
+    python bench/samplers.py --quick    # NFE 5 and 10 only, fewer configurations
+
+Problems: a 2-D ring of 8 Gaussians (std 0.1, radius 1) and a 64-D mixture of 10 Gaussians (random means with
+std 0.5, per-dimension stds in [0.1, 0.4]). The network is the exact eps-prediction oracle on the DDPM-linear path
+(1000 steps, beta 1e-4..0.02), so every diffusers scheduler for DDPM-linear eps models applies unchanged; both
+libraries get the same noise x_999. Error = RMS distance of the samples to the exact PF-ODE solution from the same
+noise (adaptive Dormand-Prince, rtol = atol = 1e-9). For each library and NFE the best configuration is chosen on
+one noise set (validation) and its error is reported on another (test), so the selection does not fit the test
+noise. Distribution distance: sliced 2-Wasserstein (256 directions) to fresh data samples. Timing: a network that
+costs nothing (x * 0), 25 steps, interleaved repetitions, minimum over repetitions.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import unifuse as uf  # noqa: E402
+from unifuse.paths import DDPM  # noqa: E402
+from unifuse.testing import GaussianMixture  # noqa: E402
+
+F64 = torch.float64
+PATH = DDPM.linear()
+NFES = [1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50]
+OURS = ["ddim", "euler", "heun", "midpoint", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s", "dpmpp_2m", "dpmpp_3m",
+        "unipc", "ipndm"]
+GRIDS = [dict(spacing=sp, sigma_max=hi, sigma_min=lo) for sp, hi, lo in
+         itertools.product(["logsnr", "karras"], [None, 20.0, 5.0, 2.0], [None, 0.03, 0.1])]
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmarks")
+
+
+# --- problems ---------------------------------------------------------------------------------------------
+def ring2d() -> GaussianMixture:
+    ang = torch.arange(8, dtype=F64) * 2 * math.pi / 8
+    return GaussianMixture(torch.full((8,), 1 / 8, dtype=F64), torch.stack([ang.cos(), ang.sin()], 1), 0.1)
+
+
+def mixture64() -> GaussianMixture:
+    g = torch.Generator().manual_seed(1)
+    means = torch.randn(10, 64, generator=g, dtype=F64) * 0.5
+    stds = 0.1 + 0.3 * torch.rand(10, 64, generator=g, dtype=F64)
+    w = torch.rand(10, generator=g, dtype=F64) + 0.5
+    return GaussianMixture(w / w.sum(), means, stds)
+
+
+def reference(gm: GaussianMixture, noise: torch.Tensor) -> torch.Tensor:
+    """Exact PF-ODE solution from x_999 = noise to the data (solved on the equal-SNR EDM path)."""
+    a, se = float(PATH.alpha(torch.tensor(999.0))), float(PATH.sigma_edm(torch.tensor(999.0)))
+    model = gm.model(uf.paths.EDM(sigma_max=se), "x0")
+    return uf.samplers.sample_adaptive(model, noise / a, torch.tensor([se, 0.0], dtype=F64), rtol=1e-9, atol=1e-9,
+                                       sigma_stop=1e-4)
+
+
+def sliced_w2(x: torch.Tensor, y: torch.Tensor, n_dirs: int = 256) -> float:
+    d = torch.randn(x.shape[1], n_dirs, generator=torch.Generator().manual_seed(0), dtype=F64)
+    d = d / d.norm(dim=0, keepdim=True)
+    px, py = (x.to(F64) @ d).sort(0).values, (y.to(F64) @ d).sort(0).values
+    return float(((px - py) ** 2).mean().sqrt())
+
+
+# --- diffusers -------------------------------------------------------------------------------------------------
+def diffusers_configs():
+    from diffusers import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
+                           DPMSolverSinglestepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
+                           LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
+    cfg = {f"DDIM/{sp}": (DDIMScheduler, dict(timestep_spacing=sp)) for sp in ("leading", "trailing", "linspace")}
+    grids = [("", {}), ("trailing", dict(timestep_spacing="trailing")), ("karras", dict(use_karras_sigmas=True))]
+    for o in (2, 3):
+        for name, g in grids + [("lu", dict(use_lu_lambdas=True))]:
+            cfg[f"DPM++{o}M/{name or 'default'}"] = (DPMSolverMultistepScheduler, dict(solver_order=o, **g))
+        for name, g in grids:
+            for b in ("bh1", "bh2"):
+                cfg[f"UniPC{o}-{b}/{name or 'default'}"] = (UniPCMultistepScheduler, dict(solver_order=o, solver_type=b, **g))
+            cfg[f"DEIS{o}/{name or 'default'}"] = (DEISMultistepScheduler, dict(solver_order=o, **g))
+            cfg[f"DPM-single{o}/{name or 'default'}"] = (DPMSolverSinglestepScheduler, dict(solver_order=o, **g))
+    for name, g in grids:
+        for label, cls in (("Euler", EulerDiscreteScheduler), ("Heun", HeunDiscreteScheduler), ("LMS", LMSDiscreteScheduler)):
+            cfg[f"{label}/{name or 'default'}"] = (cls, g)
+    cfg["PNDM/default"] = (PNDMScheduler, dict(skip_prk_steps=True))
+    return cfg
+
+
+def run_diffusers(cls, cfg, steps, net, noise):
+    """(samples, network calls) of a diffusers scheduler's standard loop."""
+    base = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon")
+    sched = cls.from_config({**base, **cfg})
+    sched.set_timesteps(steps)
+    x, calls = noise * sched.init_noise_sigma, 0
+    for t in sched.timesteps:
+        eps = net(sched.scale_model_input(x, t), t)
+        calls += 1
+        x = sched.step(eps, t, x).prev_sample
+    return x, calls
+
+
+def diffusers_at(cls, cfg, nfe, net, noise):
+    """The diffusers run that makes exactly nfe network calls, or None."""
+    for steps in sorted({nfe, (nfe + 1) // 2, nfe // 2 + 1}):
+        try:
+            x, calls = run_diffusers(cls, cfg, steps, net, noise)
+        except Exception:  # a configuration diffusers refuses at this step count
+            continue
+        if calls == nfe and torch.isfinite(x).all():
+            return x
+    return None
+
+
+# --- accuracy sweep --------------------------------------------------------------------------------------------
+def ours_at(name, grid, nfe, model, noise):
+    try:
+        return uf.sample(model, noise, name, nfe=nfe, **grid)
+    except uf.UnifuseError:  # e.g. a grid that cannot hold this many distinct steps
+        return None
+
+
+def rmse(x, ref):
+    return float(((x.to(F64) - ref) ** 2).mean().sqrt()) if x is not None else math.inf
+
+
+def accuracy(problem: str, gm: GaussianMixture, n: int, nfes, quick: bool):
+    noise = {k: torch.randn(n, gm.D, generator=torch.Generator().manual_seed(s), dtype=F64) for k, s in (("val", 0), ("test", 1))}
+    t0 = time.time()
+    ref = {k: reference(gm, v) for k, v in noise.items()}
+    print(f"[{problem}] reference solutions in {time.time() - t0:.1f}s", flush=True)
+    model = gm.model(PATH, "eps")
+    data = gm.sample(n, torch.Generator().manual_seed(2))[0]
+    data2 = gm.sample(n, torch.Generator().manual_seed(3))[0]
+    dcfg = diffusers_configs()
+    ours_names = ["dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "heun", "euler"] if quick else OURS
+    grids = [g for g in GRIDS if g["spacing"] == "logsnr"] if quick else GRIDS
+    rows = {}
+    for nfe in nfes:
+        t0 = time.time()
+        val = {}
+        for key, (cls, cfg) in dcfg.items():
+            val[("diffusers", key)] = rmse(diffusers_at(cls, cfg, nfe, model.net, noise["val"]), ref["val"])
+        for name in ours_names:
+            for g in [dict(spacing=None)] + grids:
+                label = name + ("" if g.get("spacing") is None else
+                                f"/{g['spacing']}[{g['sigma_min'] or 'min'},{g['sigma_max'] or 'max'}]")
+                kw = {k: v for k, v in g.items() if v is not None}
+                val[("ours", label)] = rmse(ours_at(name, kw, nfe, model, noise["val"]), ref["val"])
+
+        def best(pred):
+            keys = [k for k in val if pred(k) and math.isfinite(val[k])]
+            return min(keys, key=val.get) if keys else None
+
+        picks = {"ours": best(lambda k: k[0] == "ours"),
+                 "ours_default": best(lambda k: k[0] == "ours" and "/" not in k[1]),
+                 "diffusers": best(lambda k: k[0] == "diffusers")}
+        for lib, key in (("ours", "dpmpp_2m"), ("ours", "dpmpp_3m"), ("ours", "unipc"), ("ours", "ddim"),
+                         ("diffusers", "DDIM/leading"), ("diffusers", "DPM++2M/default"), ("diffusers", "UniPC2-bh2/default")):
+            picks[f"{lib}:{key}"] = (lib, key)
+        row = {}
+        for tag, key in picks.items():
+            if key is None:
+                continue
+            lib, label = key
+            if lib == "diffusers":
+                cls, cfg = dcfg[label]
+                x = diffusers_at(cls, cfg, nfe, model.net, noise["test"])
+            else:
+                name, _, rest = label.partition("/")
+                kw = {}
+                if rest:
+                    sp, rng = rest.split("[")
+                    lo, hi = rng.rstrip("]").split(",")
+                    kw = dict(spacing=sp, **({} if lo == "min" else {"sigma_min": float(lo)}),
+                              **({} if hi == "max" else {"sigma_max": float(hi)}))
+                x = ours_at(name, kw, nfe, model, noise["test"])
+            row[tag] = {"config": f"{lib} {label}", "val": val.get(key), "test": rmse(x, ref["test"]),
+                        "sw2": sliced_w2(x, data) if x is not None else None}
+        rows[nfe] = row
+        o, d = row["ours"]["test"], row["diffusers"]["test"]
+        print(f"[{problem}] NFE {nfe:2d}: ours {o:.3e} ({row['ours']['config']})  diffusers {d:.3e} "
+              f"({row['diffusers']['config']})  ratio {o / d:.2f}  [{time.time() - t0:.0f}s]", flush=True)
+    floor = {"reference_sw2": sliced_w2(ref["test"], data), "data_sw2": sliced_w2(data2, data)}
+    return {"rows": rows, "floor": floor}
+
+
+# --- overhead ------------------------------------------------------------------------------------------------------
+def timing(reps: int):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    torch.set_num_threads(1)
+    net = lambda x, t: x * 0  # noqa: E731  a network that costs (almost) nothing
+    model = uf.DiffusionModel(net, PATH, "eps")
+    abar = PATH.alphas_cumprod.float()
+
+    def diff(cls, noise):
+        sched = cls(num_train_timesteps=1000, beta_schedule="linear")
+
+        def run():
+            sched.set_timesteps(25)
+            x = noise
+            for t in sched.timesteps:
+                x = sched.step(net(x, t), t, x).prev_sample
+            return x
+        return run
+
+    def hand(noise):  # the DDIM loop as one writes it by hand: trailing timesteps, table lookups per step
+        def run():
+            ts = torch.arange(999, -1, -40)
+            x = noise
+            for i, t in enumerate(ts):
+                a_t = abar[t]
+                a_p = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+                eps = net(x, t)
+                x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+                x = a_p.sqrt() * x0 + (1 - a_p).sqrt() * eps
+            return x
+        return run
+
+    out = {}
+    for shape in ((16, 3, 64, 64), (1, 4, 64, 64)):
+        noise = torch.randn(shape)
+        fs = {"diffusers ddim": diff(DDIMScheduler, noise), "diffusers dpmpp_2m": diff(DPMSolverMultistepScheduler, noise),
+              "diffusers unipc": diff(UniPCMultistepScheduler, noise),
+              "ours ddim": lambda: uf.sample(model, noise, "ddim", nfe=25, spacing="trailing"),
+              "ours dpmpp_2m": lambda: uf.sample(model, noise, "dpmpp_2m", nfe=25, spacing="linspace"),
+              "ours unipc": lambda: uf.sample(model, noise, "unipc", nfe=25, spacing="linspace"),
+              "ours dpmpp_2m (logsnr grid)": lambda: uf.sample(model, noise, "dpmpp_2m", nfe=25),
+              "ours unipc (logsnr grid)": lambda: uf.sample(model, noise, "unipc", nfe=25),
+              "hand-written ddim": hand(noise), "network only (25 calls)": lambda: [net(noise, 0) for _ in range(25)]}
+        best = {k: math.inf for k in fs}
+        for _ in range(reps):
+            for k, f in fs.items():
+                t0 = time.perf_counter()
+                f()
+                best[k] = min(best[k], time.perf_counter() - t0)
+        out["x".join(map(str, shape))] = best
+        d = sum(best[f"diffusers {n}"] for n in ("ddim", "dpmpp_2m", "unipc"))
+        o = sum(best[f"ours {n}"] for n in ("ddim", "dpmpp_2m", "unipc"))
+        print(f"[timing {shape}] ours/diffusers {o / d:.2f}, ddim/hand {best['ours ddim'] / best['hand-written ddim']:.2f}",
+              flush=True)
+    return out
+
+
+# --- report ----------------------------------------------------------------------------------------------------------
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.6), dpi=110)
+    axes = [axes] if len(results) == 1 else axes
+    styles = {"ours": ("tab:red", "-o", "ours, best configuration"), "ours_default": ("tab:orange", "-s", "ours, best with default grids"),
+              "diffusers": ("tab:blue", "-o", "diffusers, best configuration"),
+              "ours:dpmpp_3m": ("tab:pink", ":", "ours dpmpp_3m (default)"), "ours:unipc": ("tab:purple", ":", "ours unipc (default)"),
+              "ours:ddim": ("tab:brown", ":", "ours ddim (default)"),
+              "diffusers:DPM++2M/default": ("tab:cyan", "--", "diffusers DPM++2M (default)"),
+              "diffusers:UniPC2-bh2/default": ("tab:green", "--", "diffusers UniPC (default)"),
+              "diffusers:DDIM/leading": ("tab:gray", "--", "diffusers DDIM (default)")}
+    for ax, (problem, res) in zip(axes, results.items()):
+        nfes = sorted(res["rows"])
+        for tag, (color, style, label) in styles.items():
+            pts = [(n, res["rows"][n][tag]["test"]) for n in nfes if tag in res["rows"][n] and math.isfinite(res["rows"][n][tag]["test"])]
+            if pts:
+                ax.loglog(*zip(*pts), style, color=color, label=label, markersize=3, linewidth=1.2)
+        ax.set_title(f"{problem}: error vs NFE (DDPM-linear eps oracle)")
+        ax.set_xlabel("NFE (network evaluations)"), ax.set_ylabel("RMS error vs exact PF-ODE solution")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report(results, times, command, path_md, path_png):
+    import diffusers
+
+    lines = ["# Samplers: accuracy per network evaluation and overhead", "",
+             f"Date 2026-11-23; machine 2-core x86_64 CPU, torch {torch.__version__.split('+')[0]} CPU, diffusers "
+             f"{diffusers.__version__}, Python {platform.python_version()}; command `{command}`.", "",
+             "Problems: a 2-D ring of 8 Gaussians (std 0.1, radius 1) and a 64-D mixture of 10 Gaussians; the network is "
+             "the exact eps-prediction oracle on the DDPM-linear path (T = 1000), so every diffusers scheduler for "
+             "DDPM-linear eps models applies unchanged. Both libraries start from the same noise x_999. Error: RMS "
+             "distance to the exact PF-ODE solution from that noise (adaptive Dormand-Prince, rtol = atol = 1e-9). For "
+             "each NFE the best configuration of each library is picked on a validation noise set and reported on a "
+             "separate test set. Our configurations: 11 ODE samplers x default grid, logsnr or karras spacing with "
+             "sigma_max in {157 (path), 20, 5, 2} and sigma_min in {0.01 (path), 0.03, 0.1}; grids always start at the "
+             "noise end (a first step from t = 999 to sigma_max when it is lower). diffusers: DDIM (3 spacings), "
+             "DPM-Solver++ 2M/3M (default, trailing, karras, lu), single-step DPM-Solver 2/3, UniPC 2/3 (bh1, bh2), DEIS "
+             "2/3, Euler, Heun, LMS (default, trailing, karras) and PNDM; only runs that make exactly the given number "
+             "of network calls count. Our samplers evaluate the DDPM model at fractional timesteps (the continuous "
+             "interpolation of its schedule), as DPM-Solver's reference code does for discrete models.", "",
+             f"![error vs NFE]({os.path.basename(path_png)})", ""]
+    for problem, res in results.items():
+        lines += [f"## {problem}", "", "| NFE | ours best (test RMSE) | configuration | ours, default grids | diffusers best | "
+                  "configuration | ratio ours/diffusers |", "|---|---|---|---|---|---|---|"]
+        for nfe in sorted(res["rows"]):
+            r = res["rows"][nfe]
+            o, od, d = r["ours"], r["ours_default"], r["diffusers"]
+            lines.append(f"| {nfe} | {o['test']:.3e} | {o['config'][5:]} | {od['test']:.3e} ({od['config'][5:]}) | "
+                         f"{d['test']:.3e} | {d['config'][10:]} | {o['test'] / d['test']:.2f} |")
+        lines += ["", "Sliced W2 to fresh data samples (lower is better; the exact ODE solution scores "
+                  f"{res['floor']['reference_sw2']:.4f}, a second data sample {res['floor']['data_sw2']:.4f}):", "",
+                  "| NFE | ours best | diffusers best |", "|---|---|---|"]
+        for nfe in sorted(res["rows"]):
+            r = res["rows"][nfe]
+            lines.append(f"| {nfe} | {r['ours']['sw2']:.4f} | {r['diffusers']['sw2']:.4f} |")
+        lines.append("")
+    lines += ["## Targets", ""]
+    for problem, res in results.items():
+        for nfe in (5, 10):
+            if nfe in res["rows"]:
+                r = res["rows"][nfe]
+                ratio = r["ours"]["test"] / r["diffusers"]["test"]
+                lines.append(f"- {problem}, NFE {nfe}: ours/diffusers = {ratio:.2f} (target <= 0.7): "
+                             f"{'met' if ratio <= 0.7 else 'NOT met'}")
+    if times:
+        lines += ["", "## Overhead with a network that costs nothing", "",
+                  "25 steps, `x * 0` as the network, float32, one thread, minimum over interleaved repetitions (the "
+                  "machine is shared, so absolute times are noisy; ratios are taken within one run). Ours uses the same "
+                  "index spacing as the diffusers defaults (DDIM: trailing; DPM-Solver++/UniPC: linspace), plus our "
+                  "default log-SNR grids, which cost one grid inversion more.", "",
+                  "| batch | " + " | ".join(next(iter(times.values())).keys()) + " |",
+                  "|---|" + "---|" * len(next(iter(times.values()))) ]
+        for shape, best in times.items():
+            lines.append(f"| {shape} | " + " | ".join(f"{v * 1e3:.2f} ms" for v in best.values()) + " |")
+        lines.append("")
+        for shape, best in times.items():
+            d = sum(best[f"diffusers {n}"] for n in ("ddim", "dpmpp_2m", "unipc"))
+            o = sum(best[f"ours {n}"] for n in ("ddim", "dpmpp_2m", "unipc"))
+            net = best["network only (25 calls)"]
+            per = {n: (best[f"ours {n}"] - net) / 25 * 1e6 for n in ("ddim", "dpmpp_2m", "unipc")}
+            perd = {n: (best[f"diffusers {n}"] - net) / 25 * 1e6 for n in ("ddim", "dpmpp_2m", "unipc")}
+            lines.append(f"- {shape}: sum over DDIM, DPM-Solver++ 2M, UniPC: ours/diffusers = {o / d:.2f} (target <= 0.5: "
+                         f"{'met' if o / d <= 0.5 else 'NOT met'}); our DDIM / hand-written DDIM = "
+                         f"{best['ours ddim'] / best['hand-written ddim']:.2f} (target <= 1.3: "
+                         f"{'met' if best['ours ddim'] / best['hand-written ddim'] <= 1.3 else 'NOT met'}); per-step "
+                         "overhead excluding the network: ours " + ", ".join(f"{k} {v:.0f} us" for k, v in per.items()) +
+                         "; diffusers " + ", ".join(f"{k} {v:.0f} us" for k, v in perd.items()) + ".")
+    os.makedirs(os.path.dirname(path_md), exist_ok=True)
+    with open(path_md + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path_md + ".tmp", path_md)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="NFE 5 and 10 only, logsnr grids only")
+    ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--reps", type=int, default=15, help="timing repetitions")
+    ap.add_argument("--out", default=OUT)
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    command = "python bench/samplers.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    nfes = [5, 10] if args.quick else NFES
+    results = {}
+    if not args.skip_accuracy:
+        results["2-D ring (8 Gaussians)"] = accuracy("2d", ring2d(), 2000, nfes, args.quick)
+        results["64-D mixture (10 Gaussians)"] = accuracy("64d", mixture64(), 500, nfes, args.quick)
+    times = timing(args.reps) if not args.skip_timing else None
+    md, png = os.path.join(args.out, "samplers.md"), os.path.join(args.out, "samplers.png")
+    os.makedirs(args.out, exist_ok=True)
+    if results:
+        plot(results, png)
+    with open(os.path.join(args.out, "samplers.json") + ".tmp", "w") as f:
+        json.dump({"accuracy": results, "timing": times}, f, indent=1, default=str)
+    os.replace(os.path.join(args.out, "samplers.json") + ".tmp", os.path.join(args.out, "samplers.json"))
+    report(results, times, command, md, png)
+    print(f"wrote {md}")
+
+
+if __name__ == "__main__":
+    main()
