@@ -41,7 +41,7 @@ def ensure_run(preset: str, run: str, minutes: float, threads: int) -> str:
     try:
         find_checkpoint(run)
         return run
-    except Exception:
+    except uf.UnifuseError:
         if minutes <= 0:
             raise SystemExit(f"no checkpoint under {run}; train it (unifuse train {preset} --out {run}) or pass --minutes")
     print(f"training {preset} for {minutes} min -> {run}", flush=True)
@@ -109,9 +109,10 @@ def sweep(name, model, cond, labels, args, evaluator, ref, rows, grids, extra=No
 
 
 def best(rows, name, fd_factor=1.5):
-    """The most accurate guided row whose FD is within fd_factor of the conditional (unguided) model's."""
+    """The most accurate classifier-free row whose FD is within fd_factor of the conditional (unguided) model's."""
     base = next(r for r in rows if r["model"] == name and r["setting"] == "conditional")
-    ok = [r for r in rows if r["model"] == name and r["setting"] != "unconditional" and r["fd"] <= fd_factor * base["fd"]]
+    ok = [r for r in rows if r["model"] == name and r["setting"].startswith(("conditional", "cfg"))
+          and r["fd"] <= fd_factor * base["fd"]]
     return base, max(ok, key=lambda r: (r["accuracy"], -r["fd"]))
 
 
@@ -192,6 +193,7 @@ def main(argv=None):
                 from unifuse.guidance_classifier import NoisyClassifier, accuracy, train_classifier
 
                 t0 = time.time()
+                torch.manual_seed(0)  # the classifier's initial weights
                 clf = NoisyClassifier(model.path, in_channels=args.shape[0], num_classes=data.num_classes)
                 train_classifier(clf, data.images, data.labels, steps=args.classifier_steps,
                                  generator=torch.Generator().manual_seed(0))
@@ -211,14 +213,15 @@ def main(argv=None):
     files = []
     for name in ("class", "text (held-out captions)"):
         _, top = best(rows, name)
-        for setting in ("conditional", top["setting"]):
+        extra = [r["setting"] for r in rows if r["model"] == name and r["setting"].startswith("classifier guidance")]
+        for setting in dict.fromkeys(["conditional", top["setting"]] + extra):
             x = grids[(name, setting)]
             k = args.n_per_class
             cols = min(k, 12)
             pick = torch.cat([x[c * k:c * k + cols] for c in range(data.num_classes)])
             while pick.shape[-1] < 64:  # nearest-neighbour upscaling so small digits stay visible
                 pick = pick.repeat_interleave(2, -1).repeat_interleave(2, -2)
-            fname = os.path.join(out, f"grid-{name.split()[0]}-{setting.split(',')[0].replace(' ', '').replace('=', '')}.png")
+            fname = os.path.join(out, f"grid-{name.split()[0]}-{setting.split(',')[0].split(' on ')[0].replace(' ', '').replace('=', '')}.png")
             files.append(save_image_grid(pick, fname, nrow=cols))
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"rows": rows, "train": train_info, "command": command}, f, indent=1)

@@ -39,16 +39,17 @@ def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe
 
     name = dataset if family == "default" else f"{dataset}-{family}"
     cfg = get_config(name, overrides)
-    # A fixed time budget: the step count is what fits; for ECT the stage length follows from the rate measured
-    # on a few warm-up steps, so that its schedule spans the run as in the preset.
+    # A fixed time budget: the run stops on the CPU clock; ECT's stage length follows from the rate measured on a
+    # few warm-up steps, so that its schedule spans the run as in the preset.
     rate = measure_rate(cfg)
-    steps = max(10, int(rate * minutes * 60))
+    expected = max(10, int(rate * minutes * 60))
+    steps = 3 * expected  # the time budget, not the step count, ends the run
     extra = [f"train.steps={steps}", f"train.minutes={minutes}", "train.clock=process", "train.device=cpu",
              f"train.ckpt_every={steps}", f"train.threads={threads}"]
     if precision:
         extra.append(f"train.precision={precision}")
     if cfg.objective.name == "ct":
-        extra.append(f"objective.options.stage_every={max(1, steps // 8)}")
+        extra.append(f"objective.options.stage_every={max(1, expected // 8)}")
     cfg = apply_overrides(cfg, extra)
     if os.path.exists(out):
         import shutil

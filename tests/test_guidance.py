@@ -108,7 +108,7 @@ def test_cfg_matches_the_exact_guided_score(name):
 def test_cfg_scale_one_and_zero_are_the_conditional_and_unconditional_models():
     path = uf.paths.get("vp-cosine")
     model = GM.model(path, "x0", conditional=True)
-    x, y = torch.randn(6, 4, dtype=F64), torch.tensor([0, 1, 2, 0, 1, 2])
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
     noise = torch.randn(6, 4, dtype=F64)
     one, zero = G.classifier_free(model, 1.0), G.classifier_free(model, 0.0)
     assert torch.equal(ddim(one, noise, path, class_labels=y), ddim(model, noise, path, class_labels=y))

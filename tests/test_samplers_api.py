@@ -70,7 +70,7 @@ def test_trajectory_gif_and_denoised_grid(tmp_path):
     from unifuse import viz
 
     gif = viz.save_trajectory_gif(traj.states, tmp_path / "traj.gif")
-    png = viz.save_denoised_grid(traj.denoised, tmp_path / "denoised.png")
+    png = viz.save_denoised_grid(traj, tmp_path / "denoised.png")
     grid = viz.save_image_grid(x, tmp_path / "grid.png", nrow=3)
     with Image.open(gif) as im:
         assert im.format == "GIF" and im.n_frames == 6
@@ -78,6 +78,7 @@ def test_trajectory_gif_and_denoised_grid(tmp_path):
         assert im.size == (5 * 6 + 2, 3 * 6 + 2)  # 5 steps across, 3 samples down, 4-pixel images, 2-pixel pad
     assert Image.open(grid).size == (3 * 6 + 2, 6 + 2)
     viz.plot_error_vs_nfe({"a": ([1, 2, 4], [1.0, 0.5, 0.25])}, tmp_path / "err.png")
+    viz.save_points_gif(traj, tmp_path / "points.gif")
     assert (tmp_path / "err.png").stat().st_size > 0
 
 

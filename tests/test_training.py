@@ -243,3 +243,11 @@ def test_ctrl_c_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path):
         torch.set_num_threads(threads)
     a, b = load_tensors(find_checkpoint(run), "model"), load_tensors(find_checkpoint(straight), "model")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("clock", ["wall", "process"])
+def test_time_budget_stops_the_run_with_a_checkpoint(tmp_path, clock):
+    summary = train(tiny("toy-moons", "train.steps=1000000", "train.minutes=0.002", f"train.clock={clock}"),
+                    str(tmp_path / "run"), progress=False)
+    assert summary["stopped_by"] == "time" and 0 < summary["step"] < 1000000
+    assert read_meta(find_checkpoint(str(tmp_path / "run")))["step"] == summary["step"]

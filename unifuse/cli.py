@@ -115,6 +115,8 @@ def cmd_train(args) -> int:
         cfg = get_config(args.config, overrides)
         out = args.out
     summary = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    if summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
+        return 0
     if summary["stopped_by"] == "interrupted":
         print(f"interrupted at step {summary['step']}; checkpoint {summary['checkpoint']}; continue with: "
               f"unifuse train --resume {out}", file=sys.stderr)

@@ -102,11 +102,13 @@ class DiffusionModel(nn.Module):
         t_in = t_in.to(x.dtype if x.dtype == torch.float64 else torch.float32)
         return Prepared(t, c, t_in, x_scale)
 
-    def prepare_grid(self, ts, x: torch.Tensor) -> list:
-        """`prepare` for each time of the 1-D grid `ts` at once (one vectorized schedule computation)."""
+    def prepare_grid(self, ts, x: torch.Tensor, coefficients=None) -> list:
+        """`prepare` for each time of the 1-D grid `ts` at once (one vectorized schedule computation;
+        `coefficients`, the path's (alpha, sigma, d_alpha, d_sigma) at ts if already known)."""
         ts = as_time(ts).to(torch.float64).flatten().cpu()
         n, B, ones = ts.numel(), x.shape[0], (1,) * (x.ndim - 1)
-        coef = torch.stack(self.path.coefficients(ts), 1).to(x.device, compute_dtype(x))  # [n, 4]
+        coefficients = self.path.coefficients(ts) if coefficients is None else coefficients
+        coef = torch.stack(tuple(coefficients), 1).to(x.device, compute_dtype(x))  # [n, 4]
         coef = coef.reshape((n, 4, 1) + ones).expand((n, 4, B) + ones).unbind(0)       # n x [4, B, 1, ...]
         t_dev = ts.to(x.device)
         t_in = self.time_input(t_dev) if self.time_input is not None else t_dev
@@ -225,13 +227,13 @@ class ReexpressedModel(DiffusionModel):
         fast = type(self.source).evaluate is DiffusionModel.evaluate
         return scale, t_src, (self.source.prepare(t_src, x) if fast else None)
 
-    def prepare_grid(self, ts, x: torch.Tensor) -> list:
+    def prepare_grid(self, ts, x: torch.Tensor, coefficients=None) -> list:
         ts = as_time(ts).to(torch.float64).flatten().cpu()
         if bool((ts > self.t_max + 1e-9).any()):
             raise UnifuseError(f"t = {float(ts.max())} is beyond the noise end of the source model on this path "
                                f"(t_max = {self.t_max}); sample from model.t_max or below")
         t_src = self.source_time(ts)
-        a, s = self.path.alpha(ts), self.path.sigma(ts)
+        a, s = (self.path.alpha(ts), self.path.sigma(ts)) if coefficients is None else coefficients[:2]
         a_src, s_src = self.source.path.alpha(t_src), self.source.path.sigma(t_src)
         scale = torch.sqrt((a_src**2 + s_src**2) / (a**2 + s**2)).to(x.device, x.dtype)
         fast = type(self.source).evaluate is DiffusionModel.evaluate

@@ -9,11 +9,14 @@ step to the data costs one). Budgets are met by these documented rules, never ex
     the final step, then as many order-p steps as fit and one lower-order step for the remainder
     (DPM-Solver-fast's rule); a step from zero SNR is first order for the exponential integrators;
   pc: levels of (n_corrector + 1) evaluations; a remainder removes correctors from the first levels;
+  consistency: the first nfe noisy times of the spacing's (nfe + 1)-step grid (the least noisy one, where
+    re-noising would change almost nothing, is skipped);
   adaptive: nfe is an upper bound; exceeding it raises.
 """
 from __future__ import annotations
 
 import math
+import sys
 from typing import NamedTuple, Optional
 
 import torch
@@ -71,6 +74,8 @@ def plan(name: str, nfe: int, zero_start: bool = False, options: Optional[dict] 
         return len(counts), {"correctors": counts}
     if spec.cost == "adaptive":
         return 1, {"max_nfe": nfe}
+    if spec.cost == "renoise":  # nfe + 1 steps, the least noisy time then dropped (see `sample`)
+        return nfe + 1, {}
     return nfe, {}
 
 
@@ -94,12 +99,15 @@ def grid_cost(name: str, ts: torch.Tensor, path, options: Optional[dict] = None)
     return K, {}
 
 
-def noise_end_grid(path, steps: int, spacing, grid_kw: dict) -> torch.Tensor:
+def noise_end_grid(path, steps: int, spacing, grid_kw: dict, zero_snr_ok: bool = True) -> torch.Tensor:
     """`time_grid`, starting at the model's noise end: where a spacing stops below it (karras, logsnr and
     shift clip sigma/alpha at sigma_max, 80 where the path reaches zero SNR), t_max is prepended and the
-    first step goes from there, so the noise is always read as a draw from the prior at the noise end."""
+    first step goes from there, so the noise is always read as a draw from the prior at the noise end.
+    zero_snr_ok=False (eps and score models, undefined at alpha = 0) never prepends a zero-SNR t_max."""
     ts = time_grid(path, steps, spacing, **grid_kw)
     t_max = grid_kw["t_max"]
+    if not zero_snr_ok and float(path.alpha(torch.tensor(t_max, dtype=F64))) == 0.0:
+        return ts
     if isinstance(spacing, str) and spacing in ("karras", "logsnr", "shift") and steps >= 2 \
             and float(ts[0]) < t_max - 1e-9 * max(1.0, abs(t_max)):
         ts = torch.cat([torch.tensor([t_max], dtype=F64), time_grid(path, steps - 1, spacing, **grid_kw)])
@@ -114,7 +122,7 @@ def _check_nfe(nfe):
 
 def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: Optional[int] = None, *, spacing=None,
            generator=None, cond: Optional[dict] = None, guidance=None, guidance_options: Optional[dict] = None,
-           return_trajectory: bool = False, return_info: bool = False, progress: bool = False,
+           return_trajectory: bool = False, return_info: bool = False, progress: Optional[bool] = None,
            rho: float = 7.0, shift: float = 3.0, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
            **options):
     """Sample from `model` starting at standard normal `noise` with exactly `nfe` network evaluations.
@@ -124,6 +132,7 @@ def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: Optional[
     generator: None, a torch.Generator, an int seed or a list of generators / seeds (one per sample: sample i
     then depends only on its own seed, whatever the batch size). cond: keyword arguments for the network.
     guidance: a classifier-free guidance scale (the model is wrapped by `uf.guidance.classifier_free`).
+    progress: a tqdm bar over the steps (default: on for nfe >= 100 in a terminal).
     Returns x, plus a `Trajectory` if return_trajectory, plus an info dict (nfe, steps, grid, guidance
     evaluation counts) if return_info."""
     spec = _samplers.get(sampler)
@@ -155,11 +164,16 @@ def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: Optional[
         nfe = _check_nfe(spec.default_nfe if nfe is None else nfe)
         spacing = spec.spacing if spacing is None else spacing
         grid_kw = dict(rho=rho, shift=shift, sigma_min=sigma_min, sigma_max=sigma_max, t_max=t_max)
+        zero_ok = getattr(model, "prediction", None) not in ("eps", "score")  # those are undefined at alpha = 0
         steps, extra = plan(sampler, nfe, False, options)
-        ts = noise_end_grid(path, steps, spacing, grid_kw)
+        ts = noise_end_grid(path, steps, spacing, grid_kw, zero_ok)
         if spec.zero_snr_first_order and float(path.alpha(ts[:1])[0]) == 0.0:
             steps, extra = plan(sampler, nfe, True, options)
-            ts = noise_end_grid(path, steps, spacing, grid_kw)
+            ts = noise_end_grid(path, steps, spacing, grid_kw, zero_ok)
+        if spec.cost == "renoise":  # multistep consistency sampling never lands on the grid's least noisy time
+            ts = torch.cat([ts[:-2], ts[-1:]])
+    if progress is None:  # a bar for long runs in a terminal
+        progress = (nfe or 0) >= 100 and sys.stderr.isatty()
     x = noise * float(path.sigma(ts[:1])[0])
     records = Trajectory(ts.tolist(), [x.detach().clone()], []) if return_trajectory else None
 

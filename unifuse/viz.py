@@ -66,7 +66,8 @@ def save_image_grid(images: torch.Tensor, path, nrow: int | None = None) -> str:
     return _tmp_then_rename(path, lambda p: img.save(p, format="PNG"))
 
 
-def _frames(trajectory) -> list:
+def _frames(trajectory, field: str = "states") -> list:
+    trajectory = getattr(trajectory, field, trajectory)  # a uf.sample Trajectory, or the frames themselves
     if isinstance(trajectory, torch.Tensor):
         trajectory = list(trajectory.unbind(0))
     if not isinstance(trajectory, Sequence) or len(trajectory) == 0:
@@ -76,7 +77,8 @@ def _frames(trajectory) -> list:
 
 def save_trajectory_gif(trajectory, path, nrow: int | None = None, duration_ms: int = 120,
                         hold_last_ms: int = 1000) -> str:
-    """Write a sampling trajectory (frames of [N, C, H, W] in [-1, 1]) as an animated GIF of grids."""
+    """Write a sampling trajectory (a `uf.sample(..., return_trajectory=True)` Trajectory, or frames of
+    [N, C, H, W] in [-1, 1]) as an animated GIF of image grids."""
     frames = [_pil(image_grid(f, nrow)).convert("RGB") for f in _frames(trajectory)]
     durations = [duration_ms] * (len(frames) - 1) + [hold_last_ms]
 
@@ -88,14 +90,14 @@ def save_trajectory_gif(trajectory, path, nrow: int | None = None, duration_ms: 
 
 def save_denoised_grid(estimates, path, max_samples: int = 8) -> str:
     """Write intermediate denoised estimates as a PNG: one row per sample, one column per step."""
-    frames = _frames(estimates)
+    frames = _frames(estimates, "denoised")
     n = min(max_samples, frames[0].shape[0])
     cols = torch.stack([f[:n] for f in frames], 1)  # [n, T, C, H, W]
     return save_image_grid(cols.reshape((-1,) + tuple(cols.shape[2:])), path, nrow=len(frames))
 
 
 def save_points_gif(trajectory, path, lim: float | None = None, duration_ms: int = 120) -> str:
-    """Write a trajectory of 2-D point clouds (frames [N, 2]) as an animated scatter GIF."""
+    """Write a trajectory of 2-D point clouds (a Trajectory or frames [N, 2]) as an animated scatter GIF."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)

@@ -27,8 +27,8 @@ class Sampler(NamedTuple):
     """A sampler function and how `uf.sample` plans its grid.
 
     cost: "step" (one evaluation per grid step), "stage" (single-step method: a step of order p costs p
-    evaluations; `max_order`), "pc" (corrector + predictor evaluations per grid time) or "adaptive"
-    (nfe is an upper bound). zero_snr_first_order: a step from alpha = 0 is first order (exponential
+    evaluations; `max_order`), "pc" (corrector + predictor evaluations per grid time), "renoise" (one
+    evaluation per noisy grid time, consistency sampling) or "adaptive" (nfe is an upper bound). zero_snr_first_order: a step from alpha = 0 is first order (exponential
     integrators). The final step to the data always costs one evaluation (the denoised estimate)."""
 
     fn: Callable
@@ -62,7 +62,7 @@ SAMPLERS = {
     "pc": Sampler(sample_pc, "pc", 1, "uniform", ("predictor", "snr", "n_corrector", "step_rule"), True,
                   default_nfe=1000),
     "midpoint": Sampler(sample_midpoint, "stage", 2, "karras", ()),
-    "consistency": Sampler(sample_consistency, "step", 1, "karras", (), True, default_nfe=2),
+    "consistency": Sampler(sample_consistency, "renoise", 1, "karras", (), True, default_nfe=2),
     "adaptive": Sampler(sample_adaptive, "adaptive", 5, "uniform", ("rtol", "atol", "sigma_stop", "h_init"),
                         default_nfe=10000),
 }

@@ -42,13 +42,14 @@ class Schedule(NamedTuple):
         return self.sigma[-1] == 0.0
 
 
-def schedule(path, ts) -> Schedule:
-    """The float64 coefficients of `path` at the times `ts` (computed once, on the CPU)."""
+def schedule(path, ts, tensors: bool = False):
+    """The float64 coefficients of `path` at the times `ts` (computed once, on the CPU); with tensors=True
+    also the (alpha, sigma, d_alpha, d_sigma) tensors themselves."""
     ts = torch.as_tensor(ts, dtype=F64).cpu().flatten()
-    a, s, da, ds = path.coefficients(ts)
-    lam = 0.5 * path.log_snr(ts)
-    lam = torch.where(s == 0, torch.full_like(lam, INF), torch.where(a == 0, torch.full_like(lam, -INF), lam))
-    return Schedule(*(v.tolist() for v in (ts, a, s, da, ds, lam)))
+    a, s, da, ds = coef = path.coefficients(ts)
+    lam = torch.log(a) - torch.log(s)  # exact to rounding (a difference of logs); +inf at sigma = 0, -inf at alpha = 0
+    sch = Schedule(*(v.tolist() for v in (ts, a, s, da, ds, lam)))
+    return (sch, coef) if tensors else sch
 
 
 def t_at_lambda(path, lam: float) -> float:
@@ -98,7 +99,8 @@ class NoiseSource:
     generator: None (torch's global RNG), a torch.Generator (one stream for the whole batch), a list of
     torch.Generators (one per sample), an int seed (sample i gets its own stream seeded from (seed, i)) or
     a list of int seeds (one per sample). With a list or an int seed, sample i depends only on its own
-    stream, whatever the batch size.
+    stream, whatever the batch size; that costs one RNG call per sample and stochastic step, so for very
+    large batches of small samples a single torch.Generator is much faster.
     """
 
     def __init__(self, generator=None, batch: Optional[int] = None):
@@ -232,8 +234,8 @@ class Evaluator:
                     prepared = self.cache[t]
                 return self.model.evaluate_prepared(xin, prepared, **self.cond)
             return self.model.evaluate(xin, torch.tensor(t, dtype=F64), **self.cond)
-        except UnifuseError:
-            raise
+        except UnifuseError as err:
+            raise UnifuseError(f"{self.name} at step {self.step} (t = {t:.6g}): {err}") from None
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
             raise UnifuseError(f"{self.name}: the model failed at step {self.step} (t = {t:.6g}) on an input of shape "
                                f"{tuple(xin.shape)} and dtype {xin.dtype}: {str(err).splitlines()[0]}; pass noise "
@@ -299,9 +301,10 @@ def setup(name, model, x, ts, cond, noise, callback, progress, info=None, check_
     if not isinstance(x, torch.Tensor) or x.ndim < 1 or not x.is_floating_point():
         raise UnifuseError(f"{name}: x must be a floating-point tensor [batch, ...], got {type(x).__name__}")
     ev = Evaluator(model, x, cond, callback, name, progress, check_finite, info)
-    sch = schedule(model.path, ts)
-    for t in sch.t[:-1]:
-        ev.prepare(t)
+    sch, coef = schedule(model.path, ts, tensors=True)
+    if ev.fast:  # the grid's evaluations, prepared from the same coefficients
+        n = len(sch.t) - 1
+        ev.cache.update(zip(sch.t[:n], model.prepare_grid(ts[:n], ev.like, tuple(c[:n] for c in coef))))
     return ev, sch, x.to(state_dtype(x)), as_noise_source(noise, x.shape[0])
 
 

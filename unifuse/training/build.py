@@ -61,6 +61,9 @@ def build_net(cfg, info: dict) -> torch.nn.Module:
         for s in info["shape"]:
             dim *= int(s)
         options.setdefault("dim", dim)
+    elif family in ("unet", "dit") and len(info["shape"]) == 3:  # size the image net for the data (folders too)
+        options.setdefault("in_channels", int(info["shape"][0]))
+        options.setdefault("resolution", int(info["shape"][-1]))
     if cfg.data.cond == "class":
         options.setdefault("num_classes", info["num_classes"])
     if cfg.data.cond == "text":
