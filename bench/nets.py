@@ -6,7 +6,8 @@ classifier) of 500 samples after a fixed number of rectified-flow training steps
     python bench/nets.py --learn 600 --every 200         # + learning curves of the digits nets (slow)
 
 Steps/s are wall-clock; "cpu" columns divide by the process's CPU time instead, which is what an idle machine
-would show when the machine is shared (1-thread runs). Results: docs/benchmarks/nets.md.
+would show when the machine is shared (1-thread runs). Prints markdown tables; the recorded results and their
+discussion are in docs/benchmarks/nets.md.
 """
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from unifuse.nets import NET_PRESETS, build_net, num_params
+from unifuse.nets import NET_PRESETS, build_net, num_params  # noqa: E402
 
 SPEED_NETS = ("unet-digits", "unet-mnist", "dit-digits", "dit-mnist", "mlp-toy")
-LEARN_NETS = ("unet-digits", "dit-digits")
+LEARN_NETS = (("unet-digits", {}), ("unet-digits", {"num_res_blocks": 2}), ("dit-digits", {}))  # (preset, overrides)
 
 
 def example_batch(name: str, batch: int):
@@ -53,7 +54,7 @@ def steps_per_second(name: str, threads: int, precision: str, steps: int, batch:
     return steps / (time.perf_counter() - wall), steps / (time.process_time() - cpu)
 
 
-def learning_curve(name: str, steps: int, every: int, log=print) -> list[dict]:
+def learning_curve(name: str, steps: int, every: int, overrides: dict | None = None, log=print) -> list[dict]:
     """Rectified-flow training on digits (velocity prediction, logit-normal t, AdamW 1e-3, EMA 0.999, batch 128);
     FD of 500 EMA samples (20 Euler steps) to the train split every `every` steps."""
     from unifuse.data import load_dataset
@@ -62,8 +63,9 @@ def learning_curve(name: str, steps: int, every: int, log=print) -> list[dict]:
     torch.set_num_threads(1)
     data = load_dataset("digits", "train").images
     torch.manual_seed(0)
-    net = build_net(name)
+    net = build_net(name, **(overrides or {}))
     ema = copy.deepcopy(net).eval()
+    label = name + "".join(f" {k}={v}" for k, v in (overrides or {}).items())
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
 
@@ -93,8 +95,10 @@ def learning_curve(name: str, steps: int, every: int, log=print) -> list[dict]:
         cpu += time.process_time() - c0
         if step % every == 0:
             r = evaluate_images(sample(), "digits")
-            rows.append(dict(net=name, step=step, cpu_s=cpu, fd=r["fd"], precision=r["precision"], recall=r["recall"]))
-            log(f"{name} step {step} cpu {cpu:.0f}s fd {r['fd']:.2f} precision {r['precision']:.2f} recall {r['recall']:.2f}")
+            rows.append(dict(net=label, params=num_params(net), step=step, cpu_s=cpu, fd=r["fd"],
+                             precision=r["precision"], recall=r["recall"]))
+            log(f"{label} step {step} cpu {cpu:.0f}s fd {r['fd']:.2f} precision {r['precision']:.2f} "
+                f"recall {r['recall']:.2f}")
     return rows
 
 
@@ -104,10 +108,10 @@ def main():
     p.add_argument("--steps", type=int, default=0, help="timed steps (default: 6 at 8x8, 3 at 32x32, 20 for the MLP)")
     p.add_argument("--learn", type=int, default=0, help="also train the digits nets this many steps")
     p.add_argument("--every", type=int, default=200)
-    p.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "nets.md"))
     args = p.parse_args()
 
-    lines = ["| net | params | 1 thread fp32 | 1 thread bf16 | 2 threads fp32 | 2 threads bf16 |", "|---|---|---|---|---|---|"]
+    lines = ["| net | params | 1 thread fp32 | 1 thread bf16 | 2 threads fp32 | 2 threads bf16 |",
+             "|---|---|---|---|---|---|"]
     for name in args.nets:
         family, kw = NET_PRESETS[name]
         steps = args.steps or (20 if family == "mlp" else 6 if kw["resolution"] <= 8 else 3)
@@ -122,9 +126,11 @@ def main():
     load = os.getloadavg()[0]
     learn = ""
     if args.learn:
-        rows = [r for name in LEARN_NETS for r in learning_curve(name, args.learn, args.every)]
-        learn = "\n".join(["| net | step | CPU s | FD (500 samples) | precision | recall |", "|---|---|---|---|---|---|"]
-                          + [f"| {r['net']} | {r['step']} | {r['cpu_s']:.0f} | {r['fd']:.2f} | {r['precision']:.2f} | "
+        rows = [r for name, over in LEARN_NETS for r in learning_curve(name, args.learn, args.every, over)]
+        learn = "\n".join(["| net | params | step | CPU s | FD (500 samples) | precision | recall |",
+                           "|---|---|---|---|---|---|---|"]
+                          + [f"| {r['net']} | {r['params'] / 1e6:.2f}M | {r['step']} | {r['cpu_s']:.0f} | "
+                             f"{r['fd']:.2f} | {r['precision']:.2f} | "
                              f"{r['recall']:.2f} |" for r in rows])
     print(speed)
     print(learn)

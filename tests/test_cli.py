@@ -10,7 +10,7 @@ import pytest
 from unifuse.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_DIGITS = ["--set", "model.net_options={channels: 8, num_res_blocks: 1, attn_resolutions: []}", "--set", "data.batch=16",
+TINY_DIGITS = ["--set", "model.net_options={width: 32, depth: 1, emb_dim: 16}", "--set", "data.batch=16",
                "--set", "train.log_every=1"]
 
 

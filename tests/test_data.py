@@ -56,7 +56,8 @@ def test_folder_of_images_with_class_subfolders_and_cache(tmp_path):
     for cls in ("cats", "dogs"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(10):
-            Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+            pixels = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / cls / f"{i}.png")
     name, cache = f"folder:{tmp_path / 'imgs'}", tmp_path / "cache"
     full = load_dataset(name, "all", size=16, cache_dir=str(cache))
     assert full.shape == (3, 16, 16) and full.num_classes == 2 and full.class_names == ("cats", "dogs")

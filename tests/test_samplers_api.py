@@ -120,7 +120,8 @@ def test_generator_forms():
     """None, a torch.Generator, an int seed or a list: all accepted; a wrong-length list is refused."""
     model = model_on()
     noise = torch.randn(3, 4, dtype=F64)
-    for g in (None, torch.Generator().manual_seed(0), 5, [1, 2, 3], [torch.Generator().manual_seed(i) for i in range(3)]):
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    for g in (None, torch.Generator().manual_seed(0), 5, [1, 2, 3], gens):
         assert torch.isfinite(uf.sample(model, noise, "dpmpp_2m_sde", nfe=5, generator=g)).all()
     with pytest.raises(uf.UnifuseError, match="2 generators for a batch of 3"):
         uf.sample(model, noise, "ddpm", nfe=5, generator=[1, 2])

@@ -150,8 +150,10 @@ def test_unknown_preset_and_bad_overrides():
         C.get_config("digits", ["objective.name=hybrid"])
     with pytest.raises(UnifuseError, match="precision"):
         C.get_config("digits", ["train.precision=fp8"])
-    cfg = C.get_config("digits", ["optim.lr=1e-3", "model.net_options.channels=16", "optim.betas=[0.9, 0.99]"])
-    assert cfg.optim.lr == 1e-3 and cfg.model.net_options == {"channels": 16} and cfg.optim.betas == (0.9, 0.99)
+    cfg = C.get_config("digits", ["optim.lr=1e-3", "model.net_options.depth=3", "optim.betas=[0.9, 0.99]"])
+    assert cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.9, 0.99)
+    assert cfg.model.net_options == dict(C.PRESETS["digits"].model.net_options, depth=3)  # a sub-key merges
+    assert C.get_config("digits", ["model.net_options={depth: 3}"]).model.net_options == {"depth": 3}  # a mapping replaces
 
 
 def test_every_required_preset_exists_and_builds():

@@ -109,14 +109,14 @@ class DiffusionModel(nn.Module):
         n, B, ones = ts.numel(), x.shape[0], (1,) * (x.ndim - 1)
         coefficients = self.path.coefficients(ts) if coefficients is None else coefficients
         coef = torch.stack(tuple(coefficients), 1).to(x.device, compute_dtype(x))  # [n, 4]
-        coef = coef.reshape((n, 4, 1) + ones).expand((n, 4, B) + ones).unbind(0)       # n x [4, B, 1, ...]
+        coef = coef.reshape((n * 4, 1) + ones).expand((n * 4, B) + ones).unbind(0)     # 4n views [B, 1, ...]
         t_dev = ts.to(x.device)
         t_in = self.time_input(t_dev) if self.time_input is not None else t_dev
         t_in = t_in.to(x.dtype if x.dtype == torch.float64 else torch.float32)
         times, inputs = t_dev[:, None].expand(n, B).unbind(0), t_in[:, None].expand(n, B).unbind(0)
         out = []
         for k in range(n):
-            c = Coefficients(*coef[k].unbind(0))
+            c = Coefficients(*coef[4 * k:4 * k + 4])
             x_scale = input_scale(c, self.sigma_data).to(x.dtype) if self.scale_input else None
             out.append(Prepared(times[k], c, inputs[k], x_scale))
         return out

@@ -2,9 +2,10 @@
 
 A thin convenience over `uf.samplers`: it turns `nfe` into a grid of `uf.paths.time_grid` (spacing, rho,
 shift, sigma range) that starts at the model's noise end (`noise_end_grid`), scales the noise by the path's
-prior there, and calls the sampler function. `nfe` is the exact number of network evaluations (a second-order single step costs two; the final
-step to the data costs one). Budgets are met by these documented rules, never exceeded:
-  one evaluation per step (ddim, ddpm, euler, multistep, SDE, consistency): nfe steps;
+prior there, and calls the sampler function. `nfe` is the exact number of network evaluations (a second-order
+single step costs two; the final step to the data costs one). Budgets are met by these documented rules, never
+exceeded:
+  one evaluation per step (ddim, ddpm, euler, multistep, SDE): nfe steps;
   single-step methods of order p (heun, midpoint, edm_stochastic, dpm_solver_2/3, dpmpp_2s): 1 evaluation for
     the final step, then as many order-p steps as fit and one lower-order step for the remainder
     (DPM-Solver-fast's rule); a step from zero SNR is first order for the exponential integrators;
@@ -106,11 +107,11 @@ def noise_end_grid(path, steps: int, spacing, grid_kw: dict, zero_snr_ok: bool =
     zero_snr_ok=False (eps and score models, undefined at alpha = 0) never prepends a zero-SNR t_max."""
     ts = time_grid(path, steps, spacing, **grid_kw)
     t_max = grid_kw["t_max"]
-    if not zero_snr_ok and float(path.alpha(torch.tensor(t_max, dtype=F64))) == 0.0:
-        return ts
-    if isinstance(spacing, str) and spacing in ("karras", "logsnr", "shift") and steps >= 2 \
-            and float(ts[0]) < t_max - 1e-9 * max(1.0, abs(t_max)):
-        ts = torch.cat([torch.tensor([t_max], dtype=F64), time_grid(path, steps - 1, spacing, **grid_kw)])
+    if isinstance(spacing, str) and spacing in ("karras", "logsnr", "shift") \
+            and float(ts[0]) < t_max - 1e-9 * max(1.0, abs(t_max)) \
+            and (zero_snr_ok or float(path.alpha(torch.tensor(t_max, dtype=F64))) > 0.0):
+        rest = time_grid(path, steps - 1, spacing, **grid_kw) if steps >= 2 else ts[-1:]
+        ts = torch.cat([torch.tensor([t_max], dtype=F64), rest])
     return ts
 
 
@@ -155,8 +156,8 @@ def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: Optional[
         ts = time_grid(path, 1, spacing)
         cost, extra = grid_cost(sampler, ts, path, options)
         if nfe is not None and cost is not None and _check_nfe(nfe) != cost:
-            raise UnifuseError(f"this grid of {ts.numel() - 1} steps costs {cost} evaluations with sampler {sampler!r}, "
-                               f"not nfe={nfe}; pass nfe={cost} (or nfe=None) or another grid")
+            raise UnifuseError(f"this grid of {ts.numel() - 1} steps costs {cost} evaluations with sampler "
+                               f"{sampler!r}, not nfe={nfe}; pass nfe={cost} (or nfe=None) or another grid")
         if spec.cost == "adaptive":
             extra = {"max_nfe": nfe} if nfe is not None else {}
         nfe = cost if cost is not None else nfe

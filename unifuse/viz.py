@@ -71,7 +71,8 @@ def _frames(trajectory, field: str = "states") -> list:
     if isinstance(trajectory, torch.Tensor):
         trajectory = list(trajectory.unbind(0))
     if not isinstance(trajectory, Sequence) or len(trajectory) == 0:
-        raise UnifuseError("a trajectory must be a non-empty list of [N, C, H, W] tensors (or a [T, N, C, H, W] tensor)")
+        raise UnifuseError("a trajectory must be a non-empty list of [N, C, H, W] tensors "
+                           "(or a [T, N, C, H, W] tensor)")
     return list(trajectory)
 
 

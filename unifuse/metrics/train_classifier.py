@@ -49,7 +49,8 @@ def train_classifier(name: str, epochs: int | None = None, seed: int = 0, log=pr
             sched.step()
         if epoch % 5 == 4 or epoch == n_epochs - 1:
             acc = accuracy(net.eval(), held.images, held.labels)
-            log(f"epoch {epoch + 1}/{n_epochs}  loss {loss.item():.4f}  held-out accuracy {acc:.4f}  ({time.time() - t0:.0f}s)")
+            log(f"epoch {epoch + 1}/{n_epochs}  loss {loss.item():.4f}  held-out accuracy {acc:.4f}  "
+                f"({time.time() - t0:.0f}s)")
     net.eval()
     record = dict(dataset=name, heldout_accuracy=accuracy(net, held.images, held.labels),
                   train_accuracy=accuracy(net, train.images, train.labels), heldout_size=len(held),

@@ -25,7 +25,7 @@ TEXT_DIM = 384  # width of the bundled caption encoder's token embeddings (all-M
 # name -> (family, keyword arguments). Sizes chosen for quality per CPU-minute (docs/benchmarks/nets.md).
 NET_PRESETS = {
     "mlp-toy":     ("mlp",  dict(dim=2, width=256, depth=4, emb_dim=128)),
-    "unet-digits": ("unet", dict(in_channels=1, resolution=8, channels=32, channel_mult=(1, 2), num_res_blocks=2,
+    "unet-digits": ("unet", dict(in_channels=1, resolution=8, channels=32, channel_mult=(1, 2), num_res_blocks=1,
                                  attn_resolutions=(4,), dropout=0.1)),
     "unet-mnist":  ("unet", dict(in_channels=1, resolution=32, patch=2, channels=32, channel_mult=(1, 2, 2),
                                  num_res_blocks=1, attn_resolutions=(8, 4), dropout=0.1)),

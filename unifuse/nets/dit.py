@@ -35,13 +35,15 @@ def modulate(h, shift, scale):
 class DiTBlock(nn.Module):
     """adaLN-Zero block: h += gate_a * attn(mod(LN h)); [h += cross(LN h, text)]; h += gate_m * mlp(mod(LN h))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, emb_dim: int, text_dim: int, dropout: float, impl: str):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, emb_dim: int, text_dim: int, dropout: float,
+                 impl: str):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(width, heads, impl=impl)
         self.cross = None
         if text_dim:
-            self.norm_c, self.cross = nn.LayerNorm(width, eps=1e-6), Attention(width, heads, context_dim=text_dim, impl=impl)
+            self.norm_c = nn.LayerNorm(width, eps=1e-6)
+            self.cross = Attention(width, heads, context_dim=text_dim, impl=impl)
             zero_(self.cross.out)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         hidden = int(width * mlp_ratio)
@@ -80,7 +82,8 @@ class DiT(nn.Module):
                            heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, num_classes=num_classes,
                            text_dim=text_dim, learned_variance=learned_variance, attn_impl=attn_impl)
         if resolution % patch:
-            raise UnifuseError(f"resolution {resolution} is not divisible by patch={patch}; choose a patch size dividing it")
+            raise UnifuseError(f"resolution {resolution} is not divisible by patch={patch}; "
+                               "choose a patch size dividing it")
         self.in_channels, self.out_channels = in_channels, in_channels * (2 if learned_variance else 1)
         self.patch, self.grid = patch, resolution // patch
         self.embed = ConditionEmbedding(width, 256, num_classes, text_dim)
@@ -94,11 +97,12 @@ class DiT(nn.Module):
 
     def forward(self, x, t, class_labels=None, text=None, text_mask=None):
         B = x.shape[0]
-        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] != x.shape[3] or x.shape[2] != self.grid * self.patch:
-            side = self.grid * self.patch
+        side = self.grid * self.patch
+        if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, side, side):
             raise UnifuseError(f"DiT expects x of shape [B, {self.in_channels}, {side}, {side}], got {tuple(x.shape)}")
         emb = self.embed(t, x, class_labels, text, text_mask)
-        h = self.patchify(x.to(self.patchify.weight.dtype)).flatten(2).transpose(1, 2) + self.pos.to(self.patchify.weight.dtype)
+        dtype = self.patchify.weight.dtype
+        h = self.patchify(x.to(dtype)).flatten(2).transpose(1, 2) + self.pos.to(dtype)
         for block in self.blocks:
             h = block(h, emb, text, text_mask)
         shift, scale = self.ada_out(F.silu(emb)).chunk(2, dim=1)

@@ -19,7 +19,7 @@ ATTENTION_IMPLS = ("auto", "sdpa", "math")
 
 
 def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """[B] noise labels -> [B, dim] features cos/sin(t f_i), f_i = max_period^(-i/half): from 1 down to ~1/max_period."""
+    """[B] noise labels -> [B, dim] features cos/sin(t f_i), f_i = max_period^(-i/half): from 1 to ~1/max_period."""
     half = dim // 2
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32  # never lower: labels reach |t| ~ 1500
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
@@ -49,7 +49,8 @@ def as_batch_labels(t, x: torch.Tensor) -> torch.Tensor:
     if t.ndim == 0:
         t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],):
-        raise UnifuseError(f"the noise label t must be a scalar or have shape [batch] = [{x.shape[0]}], got {tuple(t.shape)}")
+        raise UnifuseError(f"the noise label t must be a scalar or have shape [batch] = [{x.shape[0]}], "
+                           f"got {tuple(t.shape)}")
     return t if t.dtype == torch.float64 else t.to(torch.float32)
 
 
@@ -93,7 +94,8 @@ class ConditionEmbedding(nn.Module):
         if self.text is None:
             raise UnifuseError("text was given to a network without text conditioning; build it with text_dim=D")
         if text.ndim not in (2, 3) or text.shape[0] != x.shape[0] or text.shape[-1] != self.text_dim:
-            raise UnifuseError(f"text must be [batch, {self.text_dim}] (pooled) or [batch, L, {self.text_dim}] (tokens) "
+            raise UnifuseError(f"text must be [batch, {self.text_dim}] (pooled) or [batch, L, {self.text_dim}] "
+                               "(tokens) "
                                f"with batch {x.shape[0]}, got {tuple(text.shape)}")
         return text
 
@@ -148,10 +150,13 @@ class Attention(nn.Module):
         if self.null is not None:
             context = torch.cat([self.null.to(context.dtype).expand(B, 1, -1), context], 1)
             if mask is not None:
-                mask4 = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=h.device), mask.bool()], 1)[:, None, None, :]
+                keep = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=h.device), mask.bool()], 1)
+                mask4 = keep[:, None, None, :]
         else:
             context = h
         k, v = self.kv(context.to(self.kv.weight.dtype)).chunk(2, dim=-1)
-        split = lambda z: z.reshape(B, z.shape[1], self.heads, dim // self.heads).transpose(1, 2)
-        o = attend(split(self.q(h)), split(k), split(v), mask4, self.impl)
+        def heads(z):  # [B, N, dim] -> [B, heads, N, dim / heads]
+            return z.reshape(B, z.shape[1], self.heads, dim // self.heads).transpose(1, 2)
+
+        o = attend(heads(self.q(h)), heads(k), heads(v), mask4, self.impl)
         return self.out(o.transpose(1, 2).reshape(B, N, dim))

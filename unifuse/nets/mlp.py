@@ -24,7 +24,7 @@ class MLPBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """net(x [B, D], t [B], class_labels=None, text=None, text_mask=None) -> [B, D] (or [B, 2D] with learned variance)."""
+    """net(x [B, D], t [B], class_labels=None, text=None, text_mask=None) -> [B, D] ([B, 2D] with learned variance)."""
 
     family = "mlp"
 
@@ -49,7 +49,8 @@ class MLP(nn.Module):
 
     def forward(self, x, t, class_labels=None, text=None, text_mask=None):
         if x.ndim != 2 or x.shape[1] != self.dim:
-            raise UnifuseError(f"MLP expects x of shape [B, {self.dim}], got {tuple(x.shape)}; flatten the data or set dim=")
+            raise UnifuseError(f"MLP expects x of shape [B, {self.dim}], got {tuple(x.shape)}; "
+                               "flatten the data or set dim=")
         emb = self.embed(t, x, class_labels, text, text_mask)
         h = self.inp(x.to(self.inp.weight.dtype))
         for block in self.blocks:

@@ -86,11 +86,13 @@ class UNet(nn.Module):
                            learned_variance=learned_variance, attn_impl=attn_impl)
         if resolution % (patch * 2 ** (len(channel_mult) - 1)):
             raise UnifuseError(f"resolution {resolution} is not divisible by patch * 2^(levels - 1) = "
-                               f"{patch * 2 ** (len(channel_mult) - 1)}; use fewer channel_mult levels or pad the images")
+                               f"{patch * 2 ** (len(channel_mult) - 1)}; use fewer channel_mult levels or pad "
+                               "the images")
         self.in_channels, self.out_channels = in_channels, in_channels * (2 if learned_variance else 1)
         blocks = [num_res_blocks] * len(channel_mult) if isinstance(num_res_blocks, int) else list(num_res_blocks)
         if len(blocks) != len(channel_mult):
-            raise UnifuseError(f"num_res_blocks {num_res_blocks} needs one entry per channel_mult level ({len(channel_mult)})")
+            raise UnifuseError(f"num_res_blocks {num_res_blocks} needs one entry per channel_mult level "
+                               f"({len(channel_mult)})")
         emb_dim = 4 * channels
         self.embed = ConditionEmbedding(emb_dim, channels, num_classes, text_dim)
         self.patch = patch  # space-to-depth: the U-Net runs at resolution / patch (Hoogeboom et al. 2023)
@@ -103,7 +105,8 @@ class UNet(nn.Module):
         self.down, skips, ch, res = nn.ModuleList(), [channels], channels, resolution // patch
         for level, mult in enumerate(channel_mult):
             for _ in range(blocks[level]):
-                self.down.append(nn.ModuleList([ResBlock(ch, channels * mult, emb_dim, dropout), attn(channels * mult, res)]))
+                self.down.append(nn.ModuleList([ResBlock(ch, channels * mult, emb_dim, dropout),
+                                                attn(channels * mult, res)]))
                 ch = channels * mult
                 skips.append(ch)
             if level < len(channel_mult) - 1:
@@ -120,7 +123,8 @@ class UNet(nn.Module):
                                               attn(channels * mult, res)]))
                 ch = channels * mult
             if level > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(ch, ch, 3, padding=1)))
                 res *= 2
         self.norm_out = nn.GroupNorm(num_groups(ch), ch)
         self.conv_out = zero_(nn.Conv2d(ch, self.out_channels * patch * patch, 3, padding=1))

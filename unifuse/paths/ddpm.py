@@ -84,6 +84,17 @@ class DDPM(Path):
         return DDPM(1.0 - alphas, self.name + "-ztsnr")
 
     # --- the path ----------------------------------------------------------------------------
+    def _tables(self, device):
+        """(knots, slopes) on `device`; copied once per device so CUDA times index CUDA tables."""
+        cache = self.__dict__.setdefault("_by_device", {})
+        if device not in cache:
+            cache[device] = (self._knots.to(device), self._slopes.to(device))
+        return cache[device]
+
+    def _segment(self, k):
+        knots, slopes = self._tables(k.device)
+        return knots[k], knots[k + 1], slopes[k], slopes[k + 1]
+
     def _locate(self, t):
         u = (t - self.t_min).clamp(0.0, float(self.N))
         k = u.floor().clamp(max=self.N - 1).long()  # interval [k, k+1] in knot numbering
@@ -91,15 +102,13 @@ class DDPM(Path):
 
     def _alpha(self, t):
         k, s = self._locate(t)
-        y0, y1 = self._knots[k], self._knots[k + 1]
-        m0, m1 = self._slopes[k], self._slopes[k + 1]
+        y0, y1, m0, m1 = self._segment(k)
         s2, s3 = s * s, s * s * s
         return ((2 * s3 - 3 * s2 + 1) * y0 + (s3 - 2 * s2 + s) * m0 + (-2 * s3 + 3 * s2) * y1 + (s3 - s2) * m1).clamp(0.0, 1.0)
 
     def _d_alpha(self, t):
         k, s = self._locate(t)
-        y0, y1 = self._knots[k], self._knots[k + 1]
-        m0, m1 = self._slopes[k], self._slopes[k + 1]
+        y0, y1, m0, m1 = self._segment(k)
         s2 = s * s
         return (6 * s2 - 6 * s) * y0 + (3 * s2 - 4 * s + 1) * m0 + (-6 * s2 + 6 * s) * y1 + (3 * s2 - 2 * s) * m1
 
@@ -111,9 +120,14 @@ class DDPM(Path):
         return -self._alpha(t) * self._d_alpha(t) / self._sigma(t)
 
     def coefficients(self, t):
-        """(alpha, sigma, d_alpha, d_sigma) at t, all float64, evaluating the cubic once."""
+        """(alpha, sigma, d_alpha, d_sigma) at t, all float64, locating the cubic's interval once."""
         t = as_time(t).to(torch.float64)
-        a, da = self._alpha(t), self._d_alpha(t)
+        k, u = self._locate(t)
+        y0, y1, m0, m1 = self._segment(k)
+        u2 = u * u
+        u3 = u2 * u
+        a = ((2 * u3 - 3 * u2 + 1) * y0 + (u3 - 2 * u2 + u) * m0 + (-2 * u3 + 3 * u2) * y1 + (u3 - u2) * m1).clamp(0.0, 1.0)
+        da = (6 * u2 - 6 * u) * y0 + (3 * u2 - 4 * u + 1) * m0 + (-6 * u2 + 6 * u) * y1 + (3 * u2 - 2 * u) * m1
         s = torch.sqrt((1.0 - a) * (1.0 + a))
         return a, s, da, -a * da / s
 
@@ -125,8 +139,8 @@ class DDPM(Path):
         # Invert the monotone cubic: find the knot interval, then safeguarded Newton on that interval's
         # cubic (bisection where a Newton step would leave the bracket); float64, converged to rounding.
         target = torch.exp(0.5 * torch.nn.functional.logsigmoid(lam))
-        k = torch.searchsorted(-self._knots, -target.contiguous(), right=True).clamp(1, self.N) - 1
-        y0, y1, m0, m1 = self._knots[k], self._knots[k + 1], self._slopes[k], self._slopes[k + 1]
+        k = torch.searchsorted(-self._tables(target.device)[0], -target.contiguous(), right=True).clamp(1, self.N) - 1
+        y0, y1, m0, m1 = self._segment(k)
         lo, hi = torch.zeros_like(target), torch.ones_like(target)
         s = ((y0 - target) / (y0 - y1)).clamp(0.0, 1.0)
         for _ in range(8):  # Newton from the linear guess: ~4 steps to rounding; bisection bounds the rest

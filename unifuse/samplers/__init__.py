@@ -28,8 +28,9 @@ class Sampler(NamedTuple):
 
     cost: "step" (one evaluation per grid step), "stage" (single-step method: a step of order p costs p
     evaluations; `max_order`), "pc" (corrector + predictor evaluations per grid time), "renoise" (one
-    evaluation per noisy grid time, consistency sampling) or "adaptive" (nfe is an upper bound). zero_snr_first_order: a step from alpha = 0 is first order (exponential
-    integrators). The final step to the data always costs one evaluation (the denoised estimate)."""
+    evaluation per noisy grid time, consistency sampling) or "adaptive" (nfe is an upper bound).
+    zero_snr_first_order: a step from alpha = 0 is first order (exponential integrators). The final step to
+    the data always costs one evaluation (the denoised estimate)."""
 
     fn: Callable
     cost: str
@@ -47,7 +48,8 @@ SAMPLERS = {
     "ddim": Sampler(sample_ddim, "step", 1, "karras", ("eta",), True),
     "euler": Sampler(sample_euler, "step", 1, "karras", ()),
     "heun": Sampler(sample_heun, "stage", 2, "karras", ()),
-    "edm_stochastic": Sampler(sample_edm_stochastic, "stage", 2, "karras", ("S_churn", "S_tmin", "S_tmax", "S_noise"), True),
+    "edm_stochastic": Sampler(sample_edm_stochastic, "stage", 2, "karras", ("S_churn", "S_tmin", "S_tmax", "S_noise"),
+                              True),
     "dpm_solver_1": Sampler(sample_dpm_solver_1, "step", 1, "logsnr", (), **_EXP),
     "dpm_solver_2": Sampler(sample_dpm_solver_2, "stage", 2, "logsnr", (), **_EXP),
     "dpm_solver_3": Sampler(sample_dpm_solver_3, "stage", 3, "logsnr", (), **_EXP),

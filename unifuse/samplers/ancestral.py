@@ -85,7 +85,8 @@ def _ddpm_std(coef, var_frac, variance, clip_small):
     return torch.exp(0.5 * (lo + var_frac * (hi - lo)))
 
 
-def sample_ddpm(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, variance: str = "small"):
+def sample_ddpm(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None,
+                variance: str = "small"):
     """DDPM ancestral sampling along the grid: posterior mean of x0_hat plus fixed or learned noise."""
     choose("DDPM variance", variance, VARIANCES)
     ev, sch, x, rng = setup("ddpm", model, x, ts, cond, noise, callback, progress, info)

@@ -123,19 +123,23 @@ class NoiseSource:
                 elif isinstance(g, (int, np.integer)) and not isinstance(g, bool):
                     gens.append(torch.Generator().manual_seed(int(g)))
                 else:
-                    raise UnifuseError(f"generator list entries must be torch.Generator or int seeds, got {type(g).__name__}")
+                    raise UnifuseError("generator list entries must be torch.Generator or int seeds, "
+                                       f"got {type(g).__name__}")
             if batch is not None and len(gens) != batch:
                 raise UnifuseError(f"got {len(gens)} generators for a batch of {batch}; pass one per sample")
             self.per_sample = gens
             return
-        raise UnifuseError(f"generator must be None, a torch.Generator, an int seed or a list of them, got {generator!r}")
+        raise UnifuseError("generator must be None, a torch.Generator, an int seed or a list of them, "
+                           f"got {generator!r}")
 
     def __call__(self, like: torch.Tensor) -> torch.Tensor:
         """A standard normal tensor shaped like `like` (its dtype and device)."""
         if self.per_sample is not None:
             if len(self.per_sample) != like.shape[0]:
-                raise UnifuseError(f"got {len(self.per_sample)} generators for a batch of {like.shape[0]}; pass one per sample")
-            parts = [torch.randn(like.shape[1:], generator=g, device=g.device, dtype=like.dtype) for g in self.per_sample]
+                raise UnifuseError(f"got {len(self.per_sample)} generators for a batch of {like.shape[0]}; "
+                                   "pass one per sample")
+            shape = like.shape[1:]
+            parts = [torch.randn(shape, generator=g, device=g.device, dtype=like.dtype) for g in self.per_sample]
             return torch.stack(parts).to(like.device, non_blocking=True)
         if self.single is not None:
             z = torch.randn(like.shape, generator=self.single, device=self.single.device, dtype=like.dtype)
@@ -171,7 +175,8 @@ class GaussianStep(NamedTuple):
         std = self.std
         if isinstance(std, float):
             if std == 0.0:
-                raise UnifuseError("this step is deterministic (std = 0, e.g. the final step to the data); it has no density")
+                raise UnifuseError("this step is deterministic (std = 0, e.g. the final step to the data); "
+                                   "it has no density")
             std = torch.tensor(std, dtype=self.mean.dtype, device=self.mean.device)
         d = (x_next.to(self.mean.dtype) - self.mean) / std
         lp = -0.5 * d * d - torch.log(std) - 0.5 * math.log(2 * math.pi)
@@ -192,7 +197,8 @@ class Evaluator:
     def __init__(self, model, x: torch.Tensor, cond=None, callback: Optional[Callable] = None,
                  name: str = "sampler", progress: bool = False, check_finite: bool = True, info=None):
         if not hasattr(model, "evaluate") or not hasattr(model, "path"):
-            raise UnifuseError(f"samplers need a uf.DiffusionModel (with .evaluate and .path), got {type(model).__name__}")
+            raise UnifuseError("samplers need a uf.DiffusionModel (with .evaluate and .path), "
+                               f"got {type(model).__name__}")
         self.model, self.cond, self.callback, self.name = model, dict(cond or {}), callback, name
         self.in_dtype = x.dtype
         self.like = x.detach()
@@ -337,4 +343,5 @@ def check_options(name: str, options: dict, allowed: Sequence[str]) -> None:
     bad = [k for k in options if k not in allowed]
     if bad:
         valid = ", ".join(sorted(allowed)) or "none"
-        raise UnifuseError(f"sampler {name!r} does not take option(s) {', '.join(map(repr, bad))}; its options: {valid}")
+        raise UnifuseError(f"sampler {name!r} does not take option(s) {', '.join(map(repr, bad))}; "
+                           f"its options: {valid}")

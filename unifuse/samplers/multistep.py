@@ -70,7 +70,8 @@ def dpmpp_weights(sch, i, p, variant: str = "midpoint"):
     return s_t / s_s, [float(v) for v in w]
 
 
-def sample_dpmpp_multistep(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, order: int = 2,
+def sample_dpmpp_multistep(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None,
+                           order: int = 2,
                            variant: str = "midpoint", lower_order_final: bool = True, name: str = "dpmpp_2m"):
     """DPM-Solver++ multistep of order 2 or 3 (card 8)."""
     choose("DPM-Solver++ variant", variant, ("midpoint", "heun"))

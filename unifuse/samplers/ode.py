@@ -129,7 +129,8 @@ _B4 = [5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 
 _E = [b5 - b4 for b5, b4 in zip(_A[6] + [0.0], _B4)]
 
 
-def sample_adaptive(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, rtol: float = 1e-5,
+def sample_adaptive(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None,
+                    rtol: float = 1e-5,
                     atol: float = 1e-5, max_nfe=None, sigma_stop=None, h_init: float = 0.05):
     """Adaptive Dormand-Prince 5(4) on the PF-ODE in phi = atan(sigma/alpha), passing through every grid time.
 
@@ -158,7 +159,8 @@ def sample_adaptive(model, x, ts, *, cond=None, noise=None, callback=None, progr
         c = schedule(path, [t])
         e = ev(y * math.hypot(c.alpha[0], c.sigma[0]), t)
         if max_nfe is not None and ev.nfe > max_nfe:
-            raise UnifuseError(f"adaptive: the tolerance (rtol={rtol}, atol={atol}) needs more than max_nfe = {max_nfe} "
+            raise UnifuseError(f"adaptive: the tolerance (rtol={rtol}, atol={atol}) needs more than "
+                               f"max_nfe = {max_nfe} "
                                f"evaluations (at phi = {ph:.4g}); raise nfe or loosen rtol/atol")
         return math.cos(ph) * e.eps - math.sin(ph) * e.x0, e
 
@@ -180,7 +182,8 @@ def sample_adaptive(model, x, ts, *, cond=None, noise=None, callback=None, progr
             scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
             ratio = float((err / scale).pow(2).reshape(err.shape[0], -1).mean(1).sqrt().max())
             if not math.isfinite(ratio):
-                raise UnifuseError(f"adaptive: a non-finite value appeared at phi = {ph:.4g} (step {i}); check the model there")
+                raise UnifuseError(f"adaptive: a non-finite value appeared at phi = {ph:.4g} (step {i}); "
+                                   "check the model there")
             if ratio <= 1.0:
                 y, ph, k1, last = y_new, (target if final else ph + h), k7, e7
             h = h * min(5.0, max(0.2, 0.9 * ratio ** -0.2 if ratio > 0 else 5.0))

@@ -80,7 +80,8 @@ def langevin_step_size(x, e, sigma: float, snr: float, z, rule: str = "norms"):
     return step.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def sample_pc(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, predictor: str = "reverse_diffusion",
+def sample_pc(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None,
+              predictor: str = "reverse_diffusion",
               snr: float = 0.16, n_corrector: int = 1, correctors=None, step_rule: str = "sigma"):
     """Predictor-corrector: at each grid time `correctors[i]` (default n_corrector) Langevin steps, then the
     predictor (at the last noisy time: the denoised estimate)."""
@@ -92,7 +93,8 @@ def sample_pc(model, x, ts, *, cond=None, noise=None, callback=None, progress=Fa
     if len(correctors) != K or min(correctors) < 0:
         from ..errors import UnifuseError
 
-        raise UnifuseError(f"pc: correctors must list {K} non-negative corrector counts (one per grid time), got {correctors}")
+        raise UnifuseError(f"pc: correctors must list {K} non-negative corrector counts (one per grid time), "
+                           f"got {correctors}")
     pred = []
     for i in range(K):
         if predictor == "euler_maruyama":

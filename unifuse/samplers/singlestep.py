@@ -89,7 +89,8 @@ def sample_dpm_solver_3(model, x, ts, *, orders=None, **kw):
     return sample_dpm_solver(model, x, ts, order=3, orders=orders, name="dpm_solver_3", **kw)
 
 
-def sample_dpmpp_2s(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, orders=None, r1: float = 0.5):
+def sample_dpmpp_2s(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, orders=None,
+                    r1: float = 0.5):
     """DPM-Solver++(2S): data prediction, one intermediate stage at lambda_s + r1 h (card 8)."""
     ev, sch, x, _ = setup("dpmpp_2s", model, x, ts, cond, noise, callback, progress, info)
     orders = singlestep_orders(sch, orders, 2, "dpmpp_2s")
