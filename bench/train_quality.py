@@ -5,6 +5,7 @@ number of images, and the peak memory of the run.
     python bench/train_quality.py                                  # digits, 5 min per family, 1 thread
     python bench/train_quality.py --datasets mnist --minutes 20    # the MNIST-5k sweep
     python bench/train_quality.py --families edm rf --minutes 2 --set optim.lr=2e-3
+    python bench/train_quality.py --jobs 2                         # two runs at once (one thread each)
 
 Each (family, data set) runs in its own process (so peak memory is per run); results go to
 docs/benchmarks/training.md (and a JSON file beside it).
@@ -21,6 +22,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("ddpm", "iddpm", "vpsde", "vesde", "edm", "rf", "trigflow", "ct")
+SEEDS = 3  # sample seeds per run
 
 
 def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe: int, sampler: str | None,
@@ -59,10 +61,16 @@ def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe
     train_s, train_cpu_s = time.time() - t0, time.process_time() - c0
     model, cfg = load_model(out)
     info = read_meta(find_checkpoint(out))["data"]
+    # FD of n samples varies by ~20% between sample seeds at these sizes: average three seeds.
     t0 = time.time()
-    x, labels = generate(model, cfg, info, n, seed=0, sampler=sampler, nfe=nfe)
-    sample_s = time.time() - t0
-    report = heldout_fd(x, info["name"])
+    draws = [generate(model, cfg, info, n, seed=s, sampler=sampler, nfe=nfe)[0] for s in range(SEEDS)]
+    sample_s = (time.time() - t0) / SEEDS
+    reports = [heldout_fd(x, info["name"]) for x in draws]
+    x = draws[0]
+    fds = [r["fd_heldout"] for r in reports]
+    report = dict(reports[0], fd_heldout=sum(fds) / SEEDS, fd_seeds=fds,
+                  fd_sd=float(torch.tensor(fds, dtype=torch.float64).std()))
+    report["fd_ratio"] = report["fd_heldout"] / report["fd_floor"]
     report.update(family=family, dataset=dataset, preset=name, steps=summary["step"], train_s=round(train_s, 1),
                   train_cpu_s=round(train_cpu_s, 1),
                   sample_s=round(sample_s, 1), sampler=sampler or cfg.sample.sampler, nfe=nfe, n=n, threads=threads,
@@ -106,25 +114,37 @@ def measure_rate(cfg, steps: int = 4) -> float:
 
 
 def write_markdown(results: list, path: str, command: str, note: str) -> None:
-    lines = ["# Training quality per CPU minute", "",
-             "Date 2026-11-23; machine: 2-core x86_64 CPU, torch 2.13 CPU.", "",
-             f"Command: `{command}`", "", note, "",
-             "FD: Frechet distance between classifier features (the shipped digits / MNIST classifiers of "
-             "`unifuse.metrics`) of the samples and of the whole held-out split; floor: the same distance for as "
-             "many training images as samples. Both sides use the same image counts, so ratio = FD / floor is 1 "
-             "for a perfect model.", "",
-             "| data | family | steps | CPU s | wall s | sampler | NFE | n | FD held-out | floor | ratio | peak RSS MB | grid |",
-             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in results:
-        if "error" in r:
-            lines.append(f"| {r['dataset']} | {r['family']} | | | | | | | error: {r['error']} | | | | |")
-            continue
-        lines.append(f"| {r['dataset']} | {r['family']} | {r['steps']} | {r['train_cpu_s']} | {r['train_s']} | {r['sampler']} | {r['nfe']} | "
-                     f"{r['n']} | {r['fd_heldout']:.3f} | {r['fd_floor']:.3f} | {r['fd_ratio']:.2f} | {r['peak_rss_mb']} | "
-                     f"{r['grid']} |")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    """Write the results table between `<!-- sweep:DATA -->` markers of `path`, keeping the rest of the page
+    (so the digits and MNIST sweeps, run at different times, share one page)."""
+    import datetime
+
+    for dataset in sorted({r["dataset"] for r in results}):
+        rows = [r for r in results if r["dataset"] == dataset]
+        lines = [f"<!-- sweep:{dataset} -->", f"Command: `{command}` (run {datetime.date.today()})", ""]
+        if note:
+            lines += [note, ""]
+        lines += ["| family | steps | CPU s | wall s | sampler | NFE | n | FD held-out | floor | ratio | peak RSS MB | grid |",
+                  "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['family']} | | | | | | | error: {r['error']} | | | | |")
+                continue
+            lines.append(f"| {r['family']} | {r['steps']} | {r['train_cpu_s']} | {r['train_s']} | {r['sampler']} | "
+                         f"{r['nfe']} | {r['n']} | {r['fd_heldout']:.3f} +- {r['fd_sd']:.3f} | {r['fd_floor']:.3f} | "
+                         f"{r['fd_ratio']:.2f} | {r['peak_rss_mb']} | {r['grid']} |")
+        lines.append(f"<!-- /sweep:{dataset} -->")
+        block = "\n".join(lines)
+        page = open(path).read() if os.path.exists(path) else "# Training quality per CPU minute\n"
+        start, end = f"<!-- sweep:{dataset} -->", f"<!-- /sweep:{dataset} -->"
+        if start in page and end in page:
+            page = page[:page.index(start)] + block + page[page.index(end) + len(end):]
+        else:
+            page = page.rstrip("\n") + "\n\n" + block + "\n"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(page)
+        os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -133,6 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES) + ["default"])
     p.add_argument("--minutes", type=float, help="training minutes per run (default: 5 digits, 20 mnist)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=1, help="runs at once")
     p.add_argument("--n", type=int, default=1000, help="samples per run")
     p.add_argument("--nfe", type=int, default=20)
     p.add_argument("--sampler", help="sampler for every family (default: each preset's; ct uses consistency at its NFE)")
@@ -153,7 +174,7 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(r))
         return 0
 
-    results = []
+    jobs = []
     for dataset in args.datasets:
         for family in args.families:
             cmd = [sys.executable, os.path.abspath(__file__), "--one", family, dataset, "--threads", str(args.threads),
@@ -163,20 +184,35 @@ def main(argv=None) -> int:
                     cmd += [flag, str(value)]
             for o in args.overrides:
                 cmd += ["--set", o]
+            jobs.append((dataset, family, cmd))
+    # Up to --jobs runs at once (each on its own --threads; the budget is CPU time, so runs sharing the
+    # machine still get the same amount of computation).
+    results, running = {}, []
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    while jobs or running:
+        while jobs and len(running) < args.jobs:
+            dataset, family, cmd = jobs.pop(0)
             print(f"== {dataset}-{family}", flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            running.append((dataset, family, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)))
+        time.sleep(1)
+        for item in [r for r in running if r[2].poll() is not None]:
+            running.remove(item)
+            dataset, family, proc = item
+            out, err = proc.communicate()
+            line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
-                err = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
-                results.append({"dataset": dataset, "family": family, "error": err})
-                print("   error:", err, flush=True)
+                msg = (err.strip().splitlines() or ["unknown error"])[-1]
+                results[(dataset, family)] = {"dataset": dataset, "family": family, "error": msg}
+                print(f"   {dataset}-{family} error: {msg}", flush=True)
                 continue
             r = json.loads(line[-1][7:])
-            results.append(r)
-            print(f"   steps {r['steps']}, FD {r['fd_heldout']:.3f}, floor {r['fd_floor']:.3f}, ratio {r['fd_ratio']:.2f}, "
-                  f"peak {r['peak_rss_mb']} MB", flush=True)
-            with open(os.path.splitext(args.out)[0] + ".json", "w") as fh:
-                json.dump(results, fh, indent=1)
+            results[(dataset, family)] = r
+            print(f"   {dataset}-{family}: steps {r['steps']}, FD {r['fd_heldout']:.3f}, floor {r['fd_floor']:.3f}, "
+                  f"ratio {r['fd_ratio']:.2f}, peak {r['peak_rss_mb']} MB", flush=True)
+    order = [(d, f) for d in args.datasets for f in args.families]
+    results = [results[k] for k in order if k in results]
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as fh:
+        json.dump(results, fh, indent=1)
     command = "python bench/train_quality.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
     write_markdown(results, args.out, command.strip(), args.note)
     print(f"wrote {args.out}")

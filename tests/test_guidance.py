@@ -398,7 +398,8 @@ def test_classifier_preset_saves_and_loads(tmp_path):
 def test_cli_class_guidance_interval_and_bad_input(tmp_path, capsys):
     cli = pytest.importorskip("unifuse.cli")
     run = str(tmp_path / "run")
-    small = ["--set", "model.net_options.channels=8", "--set", "model.net_options.num_res_blocks=1", "--set", "data.batch=16"]
+    small = ["--set", "model.net=unet-digits-cond", "--set", "model.net_options={'channels': 8, 'num_res_blocks': 1}",
+             "--set", "data.batch=16"]
     assert cli.main(["train", "digits-cond", "--out", run, "--steps", "1", "--no-progress", *small]) == 0
     out = str(tmp_path / "s")
     assert cli.main(["sample", "--ckpt", run, "--out", out, "--n", "4", "--nfe", "3", "--class", "3", "--guidance", "2",

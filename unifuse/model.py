@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import UnifuseError, choose
-from .parameterization.convert import KINDS, PRECONDITIONED, Coefficients, coefficients, compute_dtype, from_pair, to_pair
+from .parameterization.convert import KINDS, PRECONDITIONED, Coefficients, coefficients, compute_dtype, from_pair, to_pair, validate
 from .parameterization.precond import input_scale, x0_from_raw
 from .paths.base import Path, as_time
 
@@ -35,6 +35,7 @@ class Prepared(NamedTuple):
     coef: Coefficients
     t_in: torch.Tensor
     x_scale: Optional[torch.Tensor]
+    checked: bool = False  # the conversion at this time was validated in advance
 
 
 def batch_times(t, x: torch.Tensor) -> torch.Tensor:
@@ -108,6 +109,7 @@ class DiffusionModel(nn.Module):
         ts = as_time(ts).to(torch.float64).flatten().cpu()
         n, B, ones = ts.numel(), x.shape[0], (1,) * (x.ndim - 1)
         coefficients = self.path.coefficients(ts) if coefficients is None else coefficients
+        checked = self._grid_is_valid(Coefficients(*coefficients))
         coef = torch.stack(tuple(coefficients), 1).to(x.device, compute_dtype(x))  # [n, 4]
         coef = coef.reshape((n * 4, 1) + ones).expand((n * 4, B) + ones).unbind(0)     # 4n views [B, 1, ...]
         t_dev = ts.to(x.device)
@@ -118,8 +120,27 @@ class DiffusionModel(nn.Module):
         for k in range(n):
             c = Coefficients(*coef[4 * k:4 * k + 4])
             x_scale = input_scale(c, self.sigma_data).to(x.dtype) if self.scale_input else None
-            out.append(Prepared(times[k], c, inputs[k], x_scale))
+            out.append(Prepared(times[k], c, inputs[k], x_scale, checked[k]))
         return out
+
+    def _grid_is_valid(self, c: Coefficients) -> list:
+        """Per grid time: is the conversion from this model's kind nonsingular there? (one vectorized check
+        on the CPU grid, so sampling steps skip it; a time that fails keeps its per-call check and error)."""
+        kind = self.prediction
+        if kind in PRECONDITIONED:  # their path to the pair does no checked division
+            return [False] * c.alpha.numel()
+
+        def ok(part) -> bool:
+            try:
+                validate(kind, Coefficients(*(v[part] for v in c)))
+                return True
+            except UnifuseError:
+                return False
+
+        n = c.alpha.numel()
+        if ok(slice(0, n - 1)):  # the usual case: only the data end (never evaluated) may be singular
+            return [True] * (n - 1) + [ok(slice(n - 1, n))]
+        return [ok(slice(k, k + 1)) for k in range(n)]
 
     def evaluate(self, x: torch.Tensor, t, **cond) -> Evaluation:
         """Call the network once at (x_t, t) and return (x0_hat, eps_hat, var_frac)."""
@@ -141,15 +162,16 @@ class DiffusionModel(nn.Module):
         if out.shape != x.shape:
             raise UnifuseError(f"the network returned shape {tuple(out.shape)} for input shape {tuple(x.shape)}; "
                                "it must return a tensor shaped like x")
-        xc = x.to(compute_dtype(x))
-        out = out.to(xc.dtype)
+        cd = compute_dtype(x)
+        xc = x if x.dtype == cd else x.to(cd)  # skip no-op casts: they cost as much as the arithmetic here
+        out = out if out.dtype == cd else out.to(cd)
         if self.prediction in PRECONDITIONED:
             x0 = x0_from_raw(self.prediction, out, xc, c, self.sigma_data, self.boundary)
             # eps is undefined at sigma = 0 (x_t is the data there); report 0 without a host sync.
             pos = c.sigma > 0
             eps = torch.where(pos, (xc - c.alpha * x0) / torch.where(pos, c.sigma, torch.ones_like(c.sigma)), torch.zeros_like(x0))
             return Evaluation(x0, eps, var_frac)
-        x0, eps = to_pair(self.prediction, out, xc, c, self.sigma_data)
+        x0, eps = to_pair(self.prediction, out, xc, c, self.sigma_data, check=not prepared.checked)
         return Evaluation(x0, eps, var_frac)
 
     def pair(self, x: torch.Tensor, t, **cond):

@@ -58,36 +58,43 @@ def _edm_scalings(c: Coefficients, sigma_data: float):
     return sigma_data**2 * c.alpha / r2, c.sigma * sigma_data / torch.sqrt(r2)
 
 
-def to_pair(kind: str, out: torch.Tensor, x_t: torch.Tensor, c: Coefficients, sigma_data: float = 0.5):
-    """(x0_hat, eps_hat) from a prediction of the given kind."""
+def validate(kind: str, c: Coefficients) -> None:
+    """Raise the clear error where converting a `kind` prediction to the pair is singular at c."""
     a, s, da, ds = c
     if kind == "eps":
         _require(a > 0, "eps-prediction cannot give x0 where alpha = 0 (pure noise); use v, x0 or velocity prediction, or start sampling below the noise end")
+    elif kind == "x0":
+        _require(s > 0, "x0-prediction cannot give eps where sigma = 0 (clean data); evaluate at t > t_min")
+    elif kind == "score":
+        _require((a > 0) & (s > 0), "a score is defined only where 0 < alpha and 0 < sigma; evaluate strictly inside the path")
+    elif kind == "velocity":
+        _require(torch.isfinite(da) & torch.isfinite(ds), "velocity is singular where the path's derivative is infinite (e.g. VP at t = 0); evaluate at t > t_min")
+    elif kind in ("edm", "trigflow"):
+        _require(s > 0, "eps is undefined at sigma = 0 (clean data); evaluate at t > t_min")
+
+
+def to_pair(kind: str, out: torch.Tensor, x_t: torch.Tensor, c: Coefficients, sigma_data: float = 0.5, check: bool = True):
+    """(x0_hat, eps_hat) from a prediction of the given kind (`check=False`: c was validated already)."""
+    if kind not in KINDS + ("edm", "trigflow"):
+        choose("prediction kind", kind, KINDS + ("edm", "trigflow"))
+    if check:
+        validate(kind, c)
+    a, s, da, ds = c
+    if kind == "eps":
         return (x_t - s * out) / a, out
     if kind == "x0":
-        _require(s > 0, "x0-prediction cannot give eps where sigma = 0 (clean data); evaluate at t > t_min")
         return out, (x_t - a * out) / s
     if kind == "v":
         n2 = a * a + s * s
         return (a * x_t - s * out) / n2, (s * x_t + a * out) / n2
     if kind == "score":
-        _require((a > 0) & (s > 0), "a score is defined only where 0 < alpha and 0 < sigma; evaluate strictly inside the path")
         return (x_t + s * s * out) / a, -s * out
     if kind == "velocity":
-        _require(torch.isfinite(da) & torch.isfinite(ds), "velocity is singular where the path's derivative is infinite (e.g. VP at t = 0); evaluate at t > t_min")
         det = da * s - ds * a  # < 0 wherever log-SNR strictly decreases
         return (s * out - ds * x_t) / det, (da * x_t - a * out) / det
-    if kind in ("edm", "trigflow"):
-        c_skip, c_out = _edm_scalings(c, sigma_data)
-        x0 = c_skip * x_t + c_out * (out if kind == "edm" else -out)
-        return x0, _eps_from_x0(x0, x_t, c)
-    choose("prediction kind", kind, KINDS + ("edm", "trigflow"))
-
-
-def _eps_from_x0(x0, x_t, c):
-    # sigma = 0 only at the data end, where x_t is x0 itself and eps is not defined by x_t.
-    _require(c.sigma > 0, "eps is undefined at sigma = 0 (clean data); evaluate at t > t_min")
-    return (x_t - c.alpha * x0) / c.sigma
+    c_skip, c_out = _edm_scalings(c, sigma_data)
+    x0 = c_skip * x_t + c_out * (out if kind == "edm" else -out)
+    return x0, (x_t - a * x0) / s
 
 
 def from_pair(kind: str, x0: torch.Tensor, eps: torch.Tensor, x_t: torch.Tensor, c: Coefficients, sigma_data: float = 0.5):

@@ -31,15 +31,24 @@ def data_info(data) -> dict:
 
 
 class Flattened(torch.nn.Module):
-    """A vector network (the MLP) applied to images: x [B, C, H, W] is flattened to [B, C*H*W] and back."""
+    """A vector network (the MLP) applied to images: x [B, C, H, W] is flattened to [B, C*H*W] and back, plus a
+    learned linear map from input to output (zero at start), the one layer an MLP lacks to pass pixels through
+    unchanged at low noise."""
 
-    def __init__(self, net: torch.nn.Module):
+    def __init__(self, net: torch.nn.Module, skip: bool = True):
         super().__init__()
         self.mlp = net
         self.family, self.config = getattr(net, "family", None), getattr(net, "config", None)
+        dim, out_dim = getattr(net, "dim", None), getattr(net, "out_dim", None)
+        self.skip = torch.nn.Linear(dim, out_dim, bias=False) if skip and dim and out_dim else None
+        if self.skip is not None:
+            torch.nn.init.zeros_(self.skip.weight)
 
     def forward(self, x, t, **cond):
-        out = self.mlp(x.flatten(1), t, **cond)
+        flat = x.flatten(1)
+        out = self.mlp(flat, t, **cond)
+        if self.skip is not None:
+            out = out + self.skip(flat.to(self.skip.weight.dtype))
         return out.reshape((x.shape[0], -1) + tuple(x.shape[2:]))
 
 

@@ -115,8 +115,8 @@ def posthoc_coefficients(gammas, steps, gamma, step) -> np.ndarray:
 
 
 def posthoc_ema(run_dir: str, sigma_rel: float, step: int | None = None) -> dict:
-    """The weights of a power-function EMA with width sigma_rel at `step` (default: the last snapshot),
-    reconstructed from the run's snapshots under RUN/ema/ (EDM2's post-hoc EMA)."""
+    """The weights of a power-function EMA with width sigma_rel at the last snapshot at or before `step`
+    (default: the last one), reconstructed from the run's snapshots under RUN/ema/ (EDM2's post-hoc EMA)."""
     from safetensors.torch import load_file
 
     found = []
@@ -127,8 +127,11 @@ def posthoc_ema(run_dir: str, sigma_rel: float, step: int | None = None) -> dict
     if not found:
         raise UnifuseError(f"no post-hoc EMA snapshots under {os.path.join(run_dir, 'ema')}; train with "
                            "--set optim.posthoc_ema=true")
-    step = max(s for _, s, _ in found) if step is None else int(step)
-    found = [f for f in found if f[1] <= step]
+    if step is not None:  # the newest snapshots at or before `step` (extrapolating past them is unstable)
+        found = [f for f in found if f[1] <= int(step)]
+        if not found:
+            raise UnifuseError(f"no post-hoc EMA snapshot at or before step {step} under {os.path.join(run_dir, 'ema')}")
+    step = max(s for _, s, _ in found)
     x = posthoc_coefficients([sigma_rel_to_gamma(s) for s, _, _ in found], [s for _, s, _ in found],
                              sigma_rel_to_gamma(sigma_rel), step)
     out = None

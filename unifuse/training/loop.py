@@ -223,7 +223,9 @@ def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, lo
         interrupt.restore()
     bar.close()
 
-    # --- 7. the end: checkpoint, grid, loss curve ----------------------------------------------
+    # --- 7. the end: checkpoint, post-hoc EMA snapshot, grid, loss curve ------------------------------
+    if phema is not None and env.main and step > 0 and step % cfg.optim.posthoc_every:
+        phema.snapshot(os.path.join(out, "ema"), step)
     if last_ckpt is None or not last_ckpt.endswith(f"step-{step:08d}"):
         last_ckpt = checkpoint()
     # Every rank must end with the same weights (DDP averages gradients; a mismatch is a bug worth reporting).
