@@ -4,16 +4,13 @@
     model = uf.DiffusionModel(net, uf.paths.get("vp-linear"), "eps")
     x = uf.sample(model, torch.randn(16, 1, 8, 8), sampler="dpmpp_2m", nfe=10)
 """
-from . import parameterization, paths
+from . import data, guidance, metrics, nets, objectives, parameterization, paths, samplers
 from .errors import UnifuseError
 from .likelihood import bits_per_dim, log_likelihood
 from .model import DiffusionModel
-from . import samplers  # noqa: E402
-from .sampling import sample  # noqa: E402
-from . import guidance  # noqa: E402  (classifier_free, autoguidance, classifier_guidance)
-from . import objectives  # noqa: E402  (losses, time densities, weightings; training lives in unifuse.training)
-from . import data, metrics, nets  # noqa: E402  (data sets; FD / precision-recall / toy distances; architectures)
+from .sampling import sample
 
 __version__ = "0.1.0"
 
-__all__ = ["paths", "parameterization", "DiffusionModel", "UnifuseError", "__version__"]
+__all__ = ["paths", "parameterization", "samplers", "guidance", "objectives", "nets", "data", "metrics",
+           "DiffusionModel", "sample", "log_likelihood", "bits_per_dim", "UnifuseError", "__version__"]
