@@ -96,3 +96,17 @@ def test_train_sample_eval_resume_round_trip(tmp_path, capsys):
     report = json.loads(out)
     assert report["n"] == 16 and report["fd"] > 0 and "fd_heldout" in report
     assert json.load(open(os.path.join(run_dir, "eval.json")))["step"] == 3
+
+
+def test_demo_writes_grid_metrics_and_loss_curve(tmp_path, capsys):
+    """`make demo` end to end with a tiny time budget: every promised file appears and the report names them."""
+    from unifuse.training.demo import run_demo
+
+    out = str(tmp_path / "demo")
+    report = run_demo(out, minutes=0.01, n_eval=300)
+    printed = capsys.readouterr().out
+    for name in ("grid.png", "metrics.json", "loss.png", "metrics.jsonl", "samples.npz", "config.yaml"):
+        assert os.path.isfile(os.path.join(out, name)), name
+        assert name in printed or name == "config.yaml" or name == "samples.npz"
+    stored = json.load(open(os.path.join(out, "metrics.json")))
+    assert stored["fd_heldout"] == report["fd_heldout"] > 0 and stored["fd_floor"] > 0 and stored["steps"] >= 1

@@ -31,9 +31,12 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="unifuse", description="Every diffusion-family model as a path, a parameterization, an objective and a sampler.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    common = argparse.ArgumentParser(add_help=False)  # --debug after the subcommand too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    add = sub.add_parser
 
-    t = sub.add_parser("train", help="train a preset or a YAML config")
+    t = add("train", help="train a preset or a YAML config", parents=[common])
     t.add_argument("config", nargs="?", help="preset name (see `unifuse presets`) or a YAML file; optional with --resume")
     t.add_argument("--out", help="run folder (default: the --resume folder)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -44,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN", help="continue the run (or checkpoint folder) RUN exactly")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    s = sub.add_parser("sample", help="sample from a trained run")
+    s = add("sample", help="sample from a trained run", parents=[common])
     s.add_argument("--ckpt", required=True, help="run folder (or its ckpt/ or a step folder)")
     s.add_argument("--out", required=True, help="output folder for samples.npz and grid.png")
     s.add_argument("--sampler", help="sampler name (default: the run's)")
@@ -60,21 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--batch", type=int, default=500, help="samples per sampler call")
 
-    e = sub.add_parser("eval", help="sample and measure a trained run (Frechet distance, NLL)")
+    e = add("eval", help="sample and measure a trained run (Frechet distance, NLL)", parents=[common])
     e.add_argument("--ckpt", required=True)
     e.add_argument("--n", type=int, help="samples (default: the run's eval.n)")
     e.add_argument("--nll", action="store_true", help="also bits/dim of 64 held-out images (PF-ODE; VLB on DDPM paths)")
     e.add_argument("--sampler"), e.add_argument("--nfe", type=int), e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="JSON file for the metrics (default: RUN/eval.json)")
 
-    sub.add_parser("presets", help="list the named training presets")
+    add("presets", help="list the named training presets", parents=[common])
 
-    d = sub.add_parser("demo", help="train the digits model, sample, evaluate, write pictures (make demo)")
+    d = add("demo", help="train the digits model, sample, evaluate, write pictures (make demo)", parents=[common])
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--minutes", type=float, default=5.0, help="training budget in minutes")
 
     for name in NOT_YET:
-        x = sub.add_parser(name, help=f"{name} (not yet available)")
+        x = add(name, help=f"{name} (not yet available)", parents=[common])
         x.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 

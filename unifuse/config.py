@@ -129,8 +129,8 @@ FAMILY_PARTS = {
 DATASET_PARTS = {
     "digits": dict(net="mlp-toy", net_options={"width": 512}, batch=128, lr=2e-3, decay_after=150, steps=10000,
                    ema_halflife=50000.0, precision="bf16"),
-    "mnist":  dict(net="unet-mnist", net_options={}, batch=64, lr=1e-3, decay_after=0, steps=6000,
-                   ema_halflife=20000.0, precision="bf16"),
+    "mnist":  dict(net="unet-mnist", net_options={}, batch=64, lr=1e-3, decay_after=150, steps=6000,
+                   ema_halflife=50000.0, precision="bf16"),
     "toy":    dict(net="mlp-toy", net_options={}, batch=256, lr=2e-3, decay_after=0, steps=2000,
                    ema_halflife=20000.0, precision="fp32"),
 }

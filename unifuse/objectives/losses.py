@@ -28,7 +28,7 @@ from ..model import DiffusionModel
 from ..parameterization.convert import KINDS, from_pair
 from .couplings import couple
 from .time import TIME_DENSITIES, ImportanceSampler, logsnr_range, training_range
-from .weighting import WEIGHTINGS, eps_weight, loss_weight
+from .weighting import WEIGHTINGS, loss_weight
 
 F64 = torch.float64
 TARGETS = KINDS + ("edm", "trigflow")
@@ -83,7 +83,8 @@ class DenoisingLoss:
         """Per-sample weight [B] (float64) on the target's MSE."""
         path = model.path
         if self.weighting != "likelihood":
-            if self.weighting == "edm" and self.target in ("eps", "score") and bool((c.alpha == 0).any()):
+            if (self.weighting == "edm" and self.target in ("eps", "score") and c.alpha.device.type == "cpu"
+                    and bool((c.alpha == 0).any())):
                 raise UnifuseError("weighting 'edm' charges x0 errors, which are infinite for an eps/score target at "
                                    "SNR = 0; use weighting 'snr', 'min_snr' or 'sigmoid', or an x0/v/velocity target")
             return loss_weight(self.weighting, self.target, path, t, c, sigma_data=model.sigma_data,
@@ -100,20 +101,20 @@ class DenoisingLoss:
         return w if self.target == "eps" else w * c.sigma.reshape(-1).to(F64) ** 2
 
     def errors(self, model: DiffusionModel, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: dict):
-        """(x_t, model evaluation, coefficients, per-sample target MSE [B])."""
+        """(coefficients at t, per-sample MSE [B] of the target kind) for one network evaluation."""
         x_t = model.path.interpolate(x, noise, t).to(x.dtype)
         ev = model.evaluate(x_t, t, **cond)
         c = model.coefficients(t, x_t)
         xc, nc, xtc = (v.to(ev.x0.dtype) for v in (x, noise, x_t))
         pred = from_pair(self.target, ev.x0, ev.eps, xtc, c, model.sigma_data)
         true = from_pair(self.target, xc, nc, xtc, c, model.sigma_data)
-        return x_t, ev, c, mean_dims((pred - true) ** 2)
+        return c, mean_dims((pred - true) ** 2)
 
     def __call__(self, model: DiffusionModel, x: torch.Tensor, cond: Optional[dict] = None, *,
                  generator=None, step: int = 0) -> torch.Tensor:
         t = self.sample_time(x.shape[0], model.path, generator, x.device)
         noise = couple(self.coupling, x, draw_noise(x, generator))
-        _, _, c, mse = self.errors(model, x, noise, t, cond or {})
+        c, mse = self.errors(model, x, noise, t, cond or {})
         return self.weight(model, t, c).to(mse.dtype) * mse
 
 

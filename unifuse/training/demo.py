@@ -2,7 +2,6 @@
 against the held-out digits and the real-vs-real floor, and write everything under one folder."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time

@@ -199,7 +199,8 @@ def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, lo
             sums += torch.tensor([float(flags[0]) / env.world, 1.0], dtype=torch.float64)
 
             # --- logging, snapshots, grids, checkpoints (rank 0 writes) ---
-            if step % cfg.train.log_every == 0 or step == total:
+            stopping = bool(flags[2] > 0) or interrupt.raised
+            if step % cfg.train.log_every == 0 or step == total or stopping:
                 now = time.time()
                 record = {"step": step, "loss": round(float(sums[0] / sums[1]), 6), "lr": lr, "grad_norm": round(float(grad_norm), 4),
                           "images": images, "elapsed_s": round(now - start_time, 2),
@@ -216,7 +217,7 @@ def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, lo
             if step % cfg.train.ckpt_every == 0 and step < total:
                 last_ckpt = checkpoint()
             bar.update(1)
-            if flags[2] > 0 or interrupt.raised:
+            if stopping:
                 reason = "interrupted" if interrupt.raised else "time"
                 break
     finally:

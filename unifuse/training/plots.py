@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import torch
 
@@ -56,6 +57,8 @@ def plot_loss_curve(metrics_path: str, png: str) -> str | None:
     from ..viz import _tmp_then_rename
 
     steps, losses = [], []
+    if not os.path.isfile(metrics_path):
+        return None
     with open(metrics_path) as fh:
         for line in fh:
             try:
