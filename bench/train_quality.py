@@ -82,9 +82,12 @@ def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe
         report.update(fd_train=ev["fd"], precision_knn=ev["precision"], recall_knn=ev["recall"], class_hist=ev["class_hist"])
     except Exception as err:  # metrics are a bonus here
         report["metrics_error"] = str(err)
-    from unifuse.viz import save_image_grid
-    save_image_grid(x[:100], os.path.join(out, "grid.png"), nrow=10)
-    report["grid"] = os.path.relpath(os.path.join(out, "grid.png"), ROOT)
+    from unifuse.training.plots import save_grid
+    save_grid(x[:100], os.path.join(out, "grid.png"), nrow=10)
+    # A copy beside the results page (runs/ is not kept in the repository).
+    grid = os.path.join(ROOT, "docs", "benchmarks", "img", f"training-{dataset}-{family}.png")
+    save_grid(x[:100], grid, nrow=10)
+    report["grid"] = os.path.relpath(grid, os.path.join(ROOT, "docs", "benchmarks"))
     return report
 
 
@@ -131,7 +134,7 @@ def write_markdown(results: list, path: str, command: str, note: str) -> None:
                 continue
             lines.append(f"| {r['family']} | {r['steps']} | {r['train_cpu_s']} | {r['train_s']} | {r['sampler']} | "
                          f"{r['nfe']} | {r['n']} | {r['fd_heldout']:.3f} +- {r['fd_sd']:.3f} | {r['fd_floor']:.3f} | "
-                         f"{r['fd_ratio']:.2f} | {r['peak_rss_mb']} | {r['grid']} |")
+                         f"{r['fd_ratio']:.2f} | {r['peak_rss_mb']} | [grid]({r['grid']}) |")
         lines.append(f"<!-- /sweep:{dataset} -->")
         block = "\n".join(lines)
         page = open(path).read() if os.path.exists(path) else "# Training quality per CPU minute\n"

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = add("demo", help="train the digits model, sample, evaluate, write pictures (make demo)", parents=[common])
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--minutes", type=float, default=5.0, help="training budget in minutes")
+    d.add_argument("--minutes", type=float, default=7.0, help="training budget in minutes (wall clock)")
 
     for name in NOT_YET:
         x = add(name, help=f"{name} (not yet available)", parents=[common])
@@ -134,10 +134,8 @@ def cmd_sample(args) -> int:
 
     from .training import load_model
     from .training.checkpoint import find_checkpoint, read_meta
-    from .training.plots import plot_points
+    from .training.plots import plot_points, save_grid
     from .training.sampling import generate
-    from .viz import save_image_grid
-
     if args.n < 1:
         raise UnifuseError(f"--n must be >= 1, got {args.n}")
     if args.nfe is not None and args.nfe < 1:
@@ -161,7 +159,7 @@ def cmd_sample(args) -> int:
         from .data import to_uint8
 
         arrays["images"] = to_uint8(x, info.get("pad", 0))
-        grid = save_image_grid(x[:256], os.path.join(args.out, "grid.png"))
+        grid = save_grid(x[:256], os.path.join(args.out, "grid.png"))
     else:
         arrays["points"] = x.numpy()
         grid = plot_points(x, os.path.join(args.out, "grid.png"))

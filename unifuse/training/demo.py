@@ -7,7 +7,7 @@ import shutil
 import time
 
 
-def run_demo(out: str = "runs/demo", minutes: float = 5.0, preset: str = "digits", n_eval: int = 1000,
+def run_demo(out: str = "runs/demo", minutes: float = 7.0, preset: str = "digits", n_eval: int = 1000,
              log=print) -> dict:
     """Train `preset` for at most `minutes`, sample n_eval images, evaluate, write grid/metrics/plots under `out`."""
     import numpy as np
@@ -15,20 +15,20 @@ def run_demo(out: str = "runs/demo", minutes: float = 5.0, preset: str = "digits
 
     from ..config import get_config
     from ..data import to_uint8
-    from ..viz import save_image_grid
     from .checkpoint import find_checkpoint, load_model, read_meta, write_json
     from .loop import train
+    from .plots import save_grid
     from .sampling import generate
 
     start = time.time()
     if os.path.isfile(os.path.join(out, "config.yaml")):
         log(f"replacing the previous demo run in {out}")
         shutil.rmtree(out)
-    threads = max(1, min(os.cpu_count() or 1, 4))
-    torch.set_num_threads(threads)
     cfg = get_config(preset, [f"train.minutes={minutes}", "train.device=cpu"])
-    log(f"training {cfg.name} ({cfg.description}) on CPU with {threads} threads for at most {minutes:g} minutes "
-        f"or {cfg.train.steps} steps")
+    threads = cfg.train.threads or max(1, min(os.cpu_count() or 1, 4))
+    torch.set_num_threads(threads)
+    log(f"training {cfg.name} ({cfg.description}) on CPU with {threads} thread{'s' * (threads > 1)} for at most "
+        f"{minutes:g} minutes or {cfg.train.steps} steps")
     summary = train(cfg, out)
 
     model, cfg = load_model(out)
@@ -37,7 +37,7 @@ def run_demo(out: str = "runs/demo", minutes: float = 5.0, preset: str = "digits
     t0 = time.time()
     x, labels = generate(model, cfg, info, n_eval, seed=0)
     sample_s = time.time() - t0
-    grid = save_image_grid(x[:100], os.path.join(out, "grid.png"), nrow=10)
+    grid = save_grid(x[:100], os.path.join(out, "grid.png"), nrow=10)
     npz = os.path.join(out, "samples.npz")
     np.savez_compressed(npz, images=to_uint8(x, info.get("pad", 0)))
 

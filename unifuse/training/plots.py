@@ -22,10 +22,20 @@ def sample_grid(cfg, net, info: dict, path: str, device, n: int | None = None, s
     except (ImportError, AttributeError, UnifuseError) as err:
         print(f"note: no sample grid ({err})")
         return None
-    from ..viz import save_image_grid
     if images.ndim != 4:
         return plot_points(images, path)
-    return save_image_grid(images, path, nrow=int(math.ceil(math.sqrt(n))))
+    return save_grid(images, path, nrow=int(math.ceil(math.sqrt(n))))
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: int | None = None, min_side: int = 32) -> str:
+    """`viz.save_image_grid` with small images enlarged (nearest neighbour) to at least `min_side` pixels, so an
+    8x8 digit is visible; the saved arrays (samples.npz) keep the data's own resolution."""
+    from ..viz import save_image_grid
+
+    scale = max(1, min_side // images.shape[-1])
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images.float(), scale_factor=scale, mode="nearest")
+    return save_image_grid(images, path, nrow=nrow)
 
 
 def plot_points(points: torch.Tensor, path: str) -> str:
@@ -86,4 +96,4 @@ def plot_loss_curve(metrics_path: str, png: str) -> str | None:
     return out
 
 
-__all__ = ["sample_grid", "plot_points", "plot_loss_curve"]
+__all__ = ["sample_grid", "save_grid", "plot_points", "plot_loss_curve"]
