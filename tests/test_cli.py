@@ -47,6 +47,7 @@ def test_later_commands_say_not_yet_available(command, capsys):
     (["train", "digits", "--out", "RUN", "--set", "optim.lr=fast"], "needs a number"),
     (["train", "digits", "--out", "RUN", "--set", "nonsense"], "key.sub=value"),
     (["train", "digits"], "--out"),
+    (["train", "digits-classifier", "--out", "RUN", "--set", "optim.lr=1"], "takes --out, --steps, --minutes and --seed only"),
     (["sample", "--ckpt", "NOPE", "--out", "OUT"], "no run or checkpoint"),
     (["eval", "--ckpt", "NOPE"], "no run or checkpoint"),
 ])
@@ -110,3 +111,139 @@ def test_demo_writes_grid_metrics_and_loss_curve(tmp_path, capsys):
         assert name in printed or name == "config.yaml" or name == "samples.npz"
     stored = json.load(open(os.path.join(out, "metrics.json")))
     assert stored["fd_heldout"] == report["fd_heldout"] > 0 and stored["fd_floor"] > 0 and stored["steps"] >= 1
+
+
+# --- class names, classifier guidance and autoguidance from the command line ---------------------------------
+def _tiny_train(argv):
+    code = main(argv[:2] + ["--no-progress"] + TINY_DIGITS + argv[2:])  # the caller's --set win
+    assert code == 0
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 3-step unconditional digits run with a checkpoint at every step, and a 1-step digits classifier."""
+    root = tmp_path_factory.mktemp("runs")
+    digits, clf = str(root / "digits"), str(root / "clf")
+    _tiny_train(["train", "digits", "--out", digits, "--steps", "3", "--set", "train.ckpt_every=1", "--set", "train.keep=3",
+                 "--set", "optim.warmup_steps=0", "--set", "optim.lr=0.01"])  # steps 1 and 3 differ visibly
+    assert main(["train", "digits-classifier", "--out", clf, "--steps", "1", "--no-progress"]) == 0
+    return {"digits": digits, "weak": os.path.join(digits, "ckpt", "step-00000001"), "clf": clf}
+
+
+def _samples(out):
+    data = np.load(os.path.join(out, "samples.npz"))
+    return data["images"], (data["labels"] if "labels" in data else None)
+
+
+def _reference(run, n, seed, wrap, ema=True, **kw):
+    """What `unifuse sample --n n --nfe 2 --sampler euler` must produce for the model `wrap(model)`."""
+    from unifuse.data import to_uint8
+    from unifuse.training import load_model
+    from unifuse.training.checkpoint import find_checkpoint, read_meta
+    from unifuse.training.sampling import generate
+
+    model, cfg = load_model(run, ema=ema)
+    info = read_meta(find_checkpoint(run))["data"]
+    x, _ = generate(wrap(model), cfg, info, n, seed=seed, sampler="euler", nfe=2, **kw)
+    return to_uint8(x)
+
+
+SAMPLE = ["--n", "4", "--nfe", "2", "--sampler", "euler", "--seed", "1"]
+
+
+def test_sample_classifier_guidance(runs, tmp_path, capsys):
+    from unifuse.guidance import classifier_guidance
+    from unifuse.guidance_classifier import load_noisy_classifier
+
+    out = str(tmp_path / "s")
+    base = ["sample", "--ckpt", runs["digits"], "--out", out] + SAMPLE
+    assert main(base + ["--classifier", runs["clf"], "--class", "3", "--classifier-scale", "4"]) == 0
+    images, labels = _samples(out)
+    assert labels.tolist() == [3, 3, 3, 3]
+    clf = load_noisy_classifier(runs["clf"])
+    ref = _reference(runs["digits"], 4, 1, lambda m: classifier_guidance(m, clf, 4.0), class_label=3)
+    np.testing.assert_array_equal(images, ref)
+    assert main(base) == 0
+    plain, _ = _samples(out)
+    assert (plain != images).any()                       # the classifier changed the samples
+    assert main(base + ["--classifier", runs["clf"], "--classifier-scale", "0"]) == 0
+    zero, balanced = _samples(out)
+    np.testing.assert_array_equal(zero, plain)           # scale 0 is the unguided model
+    assert balanced.tolist() == [0, 1, 2, 3]             # no --class: classes in turn
+    capsys.readouterr()
+    # a classifier for other data, or for another class count: one line each
+    other = tmp_path / "clf32"
+    other.mkdir()
+    record = json.load(open(os.path.join(runs["clf"], "classifier.json")))
+    for name in ("classifier.safetensors",):
+        os.symlink(os.path.join(runs["clf"], name), other / name)
+    for change, needle in (({"shape": [1, 32, 32]}, "shape [1, 32, 32], but the model makes [1, 8, 8]"),
+                           ({"config": dict(record["config"], num_classes=5)}, "knows 5 classes, but the model's data has 10")):
+        (other / "classifier.json").write_text(json.dumps(dict(record, **change)))
+        code, _, err = run(base + ["--classifier", str(other)], capsys)
+        assert code == 1 and one_error_line(err) and needle in err and "unifuse train digits-classifier" in err, err
+    for extra, needle in ((["--classifier-scale", "2"], "--classifier-scale needs --classifier"),
+                          (["--classifier", runs["digits"]], "holds no noise-conditional classifier"),
+                          (["--classifier", runs["clf"], "--guidance", "2"], "set the classifier's strength with --classifier-scale")):
+        code, _, err = run(base + extra, capsys)
+        assert code == 1 and one_error_line(err) and needle in err, err
+    swiss = str(tmp_path / "swiss")
+    _tiny_train(["train", "toy-swissroll", "--out", swiss, "--steps", "1"])
+    code, _, err = run(["sample", "--ckpt", swiss, "--out", out, "--classifier", runs["clf"]] + SAMPLE, capsys)
+    assert code == 1 and one_error_line(err) and "has no class labels" in err, err
+
+
+def test_sample_autoguidance(runs, tmp_path, capsys):
+    from unifuse.guidance import autoguidance
+    from unifuse.training import load_model
+
+    out = str(tmp_path / "s")
+    base = ["sample", "--ckpt", runs["digits"], "--out", out, "--raw"] + SAMPLE  # raw weights: 3 steps moved them
+    assert main(base + ["--autoguide", runs["weak"], "--guidance", "3", "--guidance-interval", "0.001,50"]) == 0
+    images, _ = _samples(out)
+    weak, _ = load_model(runs["weak"], ema=False)
+    ref = _reference(runs["digits"], 4, 1, lambda m: autoguidance(m, weak, 3.0, interval=(0.001, 50.0)), ema=False)
+    np.testing.assert_array_equal(images, ref)
+    assert main(base) == 0
+    plain, _ = _samples(out)
+    assert (plain != images).any()
+    assert main(base + ["--autoguide", runs["weak"], "--guidance", "1"]) == 0
+    np.testing.assert_array_equal(_samples(out)[0], plain)   # scale 1 is the model itself
+    capsys.readouterr()
+    rf = str(tmp_path / "rf")
+    _tiny_train(["train", "digits-rf", "--out", rf, "--steps", "1"])
+    for extra, needle in ((["--autoguide", runs["weak"]], "--autoguide needs --guidance"),
+                          (["--autoguide", runs["digits"], "--guidance", "2"], "is the sampled checkpoint itself"),
+                          (["--autoguide", rf, "--guidance", "2"], "is on path 'rf' but the sampled run on 'edm'"),
+                          (["--autoguide", str(tmp_path / "nope"), "--guidance", "2"], "no run or checkpoint")):
+        code, _, err = run(base + extra, capsys)
+        assert code == 1 and one_error_line(err) and needle in err, err
+
+
+def test_class_subfolders_sample_by_name(tmp_path, capsys, monkeypatch):
+    """A folder of class sub-folders trains class-conditionally; the checkpoint keeps the names for --class NAME."""
+    from PIL import Image
+
+    monkeypatch.setenv("UNIFUSE_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for cls in ("circles", "squares"):
+        (tmp_path / "shapes" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "shapes" / cls / f"{i}.png")
+    run_dir, out = str(tmp_path / "run"), str(tmp_path / "s")
+    _tiny_train(["train", "digits-cond", "--out", run_dir, "--steps", "2", "--set", f"data.name={tmp_path / 'shapes'}",
+                 "--set", "data.batch=8"])
+    base = ["sample", "--ckpt", run_dir, "--out", out] + SAMPLE
+    assert main(base + ["--class", "squares"]) == 0
+    by_name, labels = _samples(out)
+    assert labels.tolist() == [1, 1, 1, 1] and by_name.shape == (4, 32, 32, 1)
+    assert main(base + ["--class", "1"]) == 0
+    np.testing.assert_array_equal(_samples(out)[0], by_name)
+    assert main(base + ["--class", "circles"]) == 0
+    assert _samples(out)[1].tolist() == [0, 0, 0, 0]
+    capsys.readouterr()
+    code, _, err = run(base + ["--class", "dogs"], capsys)
+    assert code == 1 and one_error_line(err) and "give a name (circles, squares) or an index 0..1" in err, err
+    code, _, err = run(["train", "digits-text", "--out", str(tmp_path / "t"), "--steps", "1", "--no-progress",
+                        "--set", f"data.name={tmp_path / 'shapes'}"], capsys)
+    assert code == 1 and one_error_line(err) and "needs captions" in err and ".txt beside each image" in err, err

@@ -117,3 +117,65 @@ def test_checkerboard_density_and_labels():
     assert np.bincount(labels.numpy(), minlength=8).min() > 800
     _, moon = sample_toy("moons", 1000, torch.Generator().manual_seed(0), labels=True)
     assert set(moon.tolist()) == {0, 1}
+
+
+# --- captions of an image folder ------------------------------------------------------------------------------
+def _png_folder(root, names, seed=0):
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / name)
+
+
+def test_folder_captions_from_jsonl_and_beside_each_image(tmp_path):
+    import json
+    names = [f"cats/{i}.png" for i in range(4)] + [f"dogs/{i}.png" for i in range(4)]
+    _png_folder(tmp_path / "a", names)
+    caps = {n: f"caption of {n}" for n in names}
+    # captions.jsonl: paths relative to the folder, "./" and a unique bare name accepted; the rest in .txt sidecars
+    lines = [{"file": "./cats/0.png", "caption": caps["cats/0.png"]}] + \
+            [{"file": n, "caption": caps[n]} for n in names[1:6]]
+    (tmp_path / "a" / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    for n in names[6:]:
+        (tmp_path / "a" / n).with_suffix(".txt").write_text(f"  caption of\n{n} \n")   # whitespace is normalised
+    (tmp_path / "a" / "cats" / "1.txt").write_text("ignored: the captions file wins")
+    full = load_dataset(f"folder:{tmp_path / 'a'}", "all", size=8, cache_dir=str(tmp_path / "c"), captions=True)
+    assert full.captions == tuple(caps[n] for n in names) and full.class_names == ("cats", "dogs")
+    # the split keeps each image with its own caption; a bare directory path works as a data set name too
+    held = load_dataset(str(tmp_path / "a"), "heldout", size=8, cache_dir=str(tmp_path / "c"), captions=True)
+    assert len(held) == 2 and len(held.captions) == 2
+    for img, cap in zip(held.images, held.captions):
+        i = next(k for k in range(len(full)) if torch.equal(full.images[k], img))
+        assert full.captions[i] == cap
+    assert load_dataset(f"folder:{tmp_path / 'a'}", "all", size=8, cache_dir=str(tmp_path / "c")).captions == ()
+
+
+def test_folder_caption_errors_name_the_file_and_the_fix(tmp_path):
+    import json
+    root = tmp_path / "f"
+    _png_folder(root, ["x/0.png", "y/0.png", "x/1.png"])
+
+    def load():
+        return load_dataset(f"folder:{root}", "all", size=8, cache_dir=str(tmp_path / "c"), captions=True)
+
+    with pytest.raises(UnifuseError, match=r"has none; add captions.jsonl .* \.txt beside each image"):
+        load()
+    (root / "captions.jsonl").write_text(json.dumps({"file": "x/0.png", "caption": "a"}) + "\n")
+    with pytest.raises(UnifuseError, match=r"2 of 3 images .* no caption \(first: x/1.png\); add them to captions.jsonl"):
+        load()
+    (root / "captions.jsonl").write_text("".join(json.dumps({"file": f, "caption": "a"}) + "\n"
+                                                 for f in ("x/0.png", "y/0.png", "x/1.png", "x/2.png")))
+    with pytest.raises(UnifuseError, match=r"names 'x/2.png', which is not an image in .*fix the name"):
+        load()
+    (root / "captions.jsonl").write_text("".join(json.dumps({"file": f, "caption": "a"}) + "\n"
+                                                 for f in ("0.png", "x/1.png")))
+    with pytest.raises(UnifuseError, match=r"names '0.png', which matches 2 images .*relative to the folder"):
+        load()
+    (root / "captions.jsonl").write_text("".join(json.dumps({"file": f, "caption": c}) + "\n"
+                                                 for f, c in (("x/0.png", "a"), ("y/0.png", " "), ("1.png", "b"))))
+    with pytest.raises(UnifuseError, match=r"y/0.png .* empty caption"):
+        load()
+    (root / "captions.csv").write_text("file,caption\nx/0.png,a\n")
+    with pytest.raises(UnifuseError, match=r"several captions files \(captions.jsonl, captions.csv\); keep one"):
+        load()

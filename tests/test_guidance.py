@@ -386,9 +386,14 @@ def test_classifier_preset_saves_and_loads(tmp_path):
 
     record = train_classifier_preset("digits-classifier", str(tmp_path), steps=1, progress=False, log=lambda *_: None)
     assert set(record["heldout_accuracy"]) == {"sigma=0", "sigma=0.5", "sigma=1", "sigma=2", "sigma=5"}
-    clf = load_noisy_classifier(str(tmp_path))
+    assert record["shape"] == [1, 8, 8] and record["class_names"] == [str(i) for i in range(10)]
+    clf = load_noisy_classifier(str(tmp_path), shape=(1, 8, 8), num_classes=10)
     x = torch.randn(3, 1, 8, 8)
     assert clf(x, 1.0).shape == (3, 10)
+    with pytest.raises(UnifuseError, match=r"shape \[1, 8, 8\], but the model makes \[1, 32, 32\]"):
+        load_noisy_classifier(str(tmp_path), shape=(1, 32, 32))
+    with pytest.raises(UnifuseError, match="knows 10 classes, but the model's data has 2"):
+        load_noisy_classifier(str(tmp_path), num_classes=2)
     with pytest.raises(UnifuseError, match="train one with"):
         load_noisy_classifier(str(tmp_path / "missing"))
     with pytest.raises(UnifuseError, match="classifier preset"):

@@ -139,3 +139,80 @@ def test_cfg_with_a_prompt_uses_the_empty_caption_as_null(encoder):
     # pooled text works too
     pooled = G.classifier_free(model, 3.0).evaluate(x, 0.5, text=e.pooled)
     assert pooled.x0.shape == x.shape
+
+
+# --- an image folder with its own captions ----------------------------------------------------------------
+class _FakeEncoder:
+    """Stands in for MiniLM only when the [text] extra is missing: a fixed random embedding per caption."""
+
+    def encode(self, captions, device=None, dtype=torch.float32):
+        import hashlib
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        seeds = [int(hashlib.sha1(c.encode()).hexdigest()[:8], 16) for c in captions]
+        tokens = torch.stack([torch.randn(3, T.WIDTH, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        mask = torch.ones(len(captions), 3, dtype=torch.bool)
+        return T.TextEmbedding(tokens, mask, torch.nn.functional.normalize(tokens.mean(1), dim=-1)).to(device, dtype)
+
+    def null(self, device=None, dtype=torch.float32):
+        return self.encode([""], device, dtype)
+
+
+def test_captioned_folder_trains_text_conditional_through_the_loader(tmp_path, monkeypatch):
+    """captions.jsonl plus .txt files beside images -> `unifuse train` with data.cond=text: each image is trained
+    with its own caption's embedding, the checkpoint keeps the captions, and sampling prompts with them."""
+    import numpy as np
+    from PIL import Image
+
+    from unifuse.config import get_config
+    from unifuse.training import load_model, train
+    from unifuse.training.build import Conditioner, build_data
+    from unifuse.training.checkpoint import find_checkpoint, read_meta
+    from unifuse.training.sampling import condition_for
+
+    monkeypatch.setenv("UNIFUSE_CACHE", str(tmp_path / "cache"))
+    encoder = T.default_encoder() if T.available() else _FakeEncoder()
+    if not T.available():
+        monkeypatch.setattr(T, "available", lambda: True)
+        monkeypatch.setattr(T, "default_encoder", lambda: encoder)
+    root, rng = tmp_path / "shapes", np.random.default_rng(0)
+    root.mkdir()
+    words = ("a bright square", "a dark square", "a striped square")
+    caption_of = {f"im{i}.png": words[i % 3] for i in range(10)}
+    for i, name in enumerate(caption_of):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / name)
+    (root / "captions.jsonl").write_text("".join(json.dumps({"file": f"im{i}.png", "caption": caption_of[f"im{i}.png"]})
+                                                 + "\n" for i in range(7)))
+    for i in range(7, 10):
+        (root / f"im{i}.txt").write_text(caption_of[f"im{i}.png"] + "\n")
+    tiny = [f"data.name=folder:{root}", "data.batch=8", "model.net_options={width: 32, depth: 1, emb_dim: 16}",
+            "train.log_every=1"]
+    cfg = get_config("digits-text", tiny + ["train.steps=3"])
+    run = str(tmp_path / "run")
+    assert train(cfg, run, progress=False)["step"] == 3
+    info = read_meta(find_checkpoint(run))["data"]
+    assert info["captions"] == sorted(words) and info["shape"] == [1, 32, 32]
+
+    # labels index the sorted captions, and the conditioner gives each image its own caption
+    data = build_data(cfg)
+    assert [info["captions"][int(y)] for y in data.labels] == list(data.captions)
+    decoded = {name: torch.as_tensor(np.array(Image.open(root / name).convert("L").resize((32, 32), Image.Resampling.LANCZOS)))
+               for name in caption_of}
+    for img, cap in zip(data.images, data.captions):  # the caption belongs to the image it is paired with
+        name = next(n for n, px in decoded.items() if torch.equal(((img[0] + 1) * 127.5).round().to(torch.uint8), px))
+        assert caption_of[name] == cap
+    cond = Conditioner(get_config("digits-text", tiny + ["data.p_uncond=0"]), "cpu", info)(data.labels[:5], torch.Generator())
+    expected = encoder.encode(list(data.captions[:5]))
+    torch.testing.assert_close(cond["text"], expected.tokens, rtol=0, atol=0)
+    assert torch.equal(cond["text_mask"], expected.mask)
+
+    # sampling without a prompt uses the folder's captions in turn (not the digit templates)
+    model, cfg2 = load_model(run)
+    cond, labels = condition_for(model, info, cfg2, 4)
+    torch.testing.assert_close(cond["text"], encoder.encode([info["captions"][i % 3] for i in range(4)]).tokens)
+    assert labels is None
+
+    # the same folder without captions: one clear message naming the fix
+    for name in list(root.glob("*.txt")) + [root / "captions.jsonl"]:
+        name.unlink()
+    with pytest.raises(UnifuseError, match=r"needs captions, but image folder .* has none; add captions.jsonl"):
+        build_data(cfg)

@@ -2,6 +2,7 @@
 
     unifuse train PRESET_OR_YAML --out RUN [--set a.b=c ...] [--steps N] [--minutes M] [--seed S] [--resume RUN]
     unifuse sample --ckpt RUN --out DIR [--sampler S] [--nfe N] [--n K] [--seed S] [--class C] [--prompt T] [--guidance W]
+                   [--guidance-interval LO,HI] [--classifier DIR [--classifier-scale S]] [--autoguide RUN --guidance W]
     unifuse eval --ckpt RUN [--n K] [--nll]
     unifuse presets
     unifuse demo [--out runs/demo] [--minutes M]
@@ -55,11 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spacing", help="time-step spacing (default: the sampler's)")
     s.add_argument("--n", type=int, default=64, help="number of samples")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--class", dest="class_label", type=int, help="class to sample (class-conditional runs)")
+    s.add_argument("--class", dest="class_label", metavar="NAME_OR_INDEX",
+                   help="class to sample, by name (a class sub-folder's name) or index (class-conditional runs, or "
+                        "any run on labelled data with --classifier)")
     s.add_argument("--prompt", help="caption to sample (caption-conditional runs)")
-    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = conditional)")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = conditional); with --autoguide "
+                                                  "the autoguidance scale")
     s.add_argument("--guidance-interval", metavar="LO,HI",
                    help="guide only at noise levels LO < sigma/alpha <= HI (EDM sigma); elsewhere plain conditional")
+    s.add_argument("--classifier", metavar="DIR", help="classifier guidance with the noise-conditional classifier in DIR "
+                                                       "(unifuse train digits-classifier --out DIR)")
+    s.add_argument("--classifier-scale", type=float, metavar="S", help="classifier guidance scale (default 1)")
+    s.add_argument("--autoguide", metavar="RUN", help="autoguidance: guide away from RUN, a weaker model of the same "
+                                                      "kind (an earlier checkpoint, a smaller or shorter run); scale --guidance")
     s.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--batch", type=int, default=500, help="samples per sampler call")
 
@@ -94,6 +103,8 @@ def cmd_train(args) -> int:
     if args.config in CLASSIFIER_PRESETS:  # a noise-conditional classifier for classifier guidance
         if not args.out:
             raise UnifuseError(f"train needs --out DIR for the classifier (e.g. --out runs/{args.config})")
+        if args.overrides or args.resume:
+            raise UnifuseError(f"{args.config} takes --out, --steps, --minutes and --seed only (not --set or --resume)")
         train_classifier_preset(args.config, args.out, steps=args.steps, minutes=args.minutes or 0.0,
                                 seed=args.seed or 0, progress=not args.no_progress)
         return 0
@@ -143,15 +154,10 @@ def cmd_sample(args) -> int:
     model, cfg = load_model(args.ckpt, ema=not args.raw)
     info = read_meta(find_checkpoint(args.ckpt))["data"]
     start = time.time()
-    from .guidance import parse_interval
-
-    options = None
-    if args.guidance_interval is not None:
-        if args.guidance is None:
-            raise UnifuseError("--guidance-interval needs --guidance W (the scale used inside the interval)")
-        options = {"interval": parse_interval(args.guidance_interval)}
+    class_label = None if args.class_label is None else class_index(args.class_label, info)
+    model, guidance, options = guided_model(model, cfg, info, args)
     x, labels = generate(model, cfg, info, args.n, seed=args.seed, batch=args.batch, sampler=args.sampler, nfe=args.nfe,
-                         spacing=args.spacing, class_label=args.class_label, prompt=args.prompt, guidance=args.guidance,
+                         spacing=args.spacing, class_label=class_label, prompt=args.prompt, guidance=guidance,
                          guidance_options=options, progress=True)
     os.makedirs(args.out, exist_ok=True)
     arrays = {}
@@ -172,6 +178,83 @@ def cmd_sample(args) -> int:
     print(f"{args.n} samples ({args.sampler or cfg.sample.sampler}, {args.nfe or cfg.sample.nfe} NFE) in "
           f"{time.time() - start:.1f} s -> {npz}, {grid}")
     return 0
+
+
+def class_index(value: str, info: dict) -> int:
+    """--class NAME_OR_INDEX -> the class index, by the run's class names first (a folder's sub-folder names)."""
+    k = int(info.get("num_classes", 0))
+    names = [str(c) for c in info.get("class_names") or [str(i) for i in range(k)]]
+    if value in names:
+        return names.index(value)
+    try:
+        return int(value)
+    except ValueError:
+        if not names:
+            raise UnifuseError(f"--class {value!r}: this run's data has no classes; drop --class") from None
+        raise UnifuseError(f"--class {value!r} is not a class of this run; give a name ({', '.join(names[:20])}) "
+                           f"or an index 0..{len(names) - 1}") from None
+
+
+def guided_model(model, cfg, info: dict, args):
+    """(model with autoguidance / classifier guidance applied, classifier-free scale or None, its options) for
+    `unifuse sample`: --autoguide takes --guidance as its scale; --classifier guides towards --class."""
+    from .guidance import autoguidance, classifier_guidance, parse_interval
+
+    interval = None
+    if args.guidance_interval is not None:
+        if args.guidance is None:
+            raise UnifuseError("--guidance-interval needs --guidance W (the scale used inside the interval)")
+        interval = parse_interval(args.guidance_interval)
+    if args.classifier_scale is not None and args.classifier is None:
+        raise UnifuseError("--classifier-scale needs --classifier DIR (train one with: unifuse train digits-classifier --out DIR)")
+    scale = args.guidance
+    if args.autoguide is not None:
+        if args.guidance is None:
+            raise UnifuseError("--autoguide needs --guidance W, the autoguidance scale (1 = no guidance; try 2)")
+        model = autoguidance(model, weak_model(args.autoguide, args.ckpt, cfg, info, ema=not args.raw),
+                             args.guidance, interval=interval)
+        scale = None
+    if args.classifier is not None:
+        from .guidance_classifier import load_noisy_classifier
+
+        if cfg.data.cond == "text":
+            raise UnifuseError("--classifier guides towards a class, but this run is caption-conditional; "
+                               "use --prompt with --guidance (classifier-free guidance) instead")
+        if int(info.get("num_classes", 0)) < 2:
+            raise UnifuseError(f"--classifier guides towards a class, but the data of this run ({info['name']}) has no "
+                               "class labels; use a run on labelled data (digits, mnist, a folder with class sub-folders)")
+        if scale is not None and cfg.data.cond == "none":
+            raise UnifuseError("--guidance is classifier-free guidance, which needs a class-conditional run; on this "
+                               "unconditional run set the classifier's strength with --classifier-scale S")
+        clf = load_noisy_classifier(args.classifier, info["shape"], info["num_classes"])
+        s = 1.0 if args.classifier_scale is None else args.classifier_scale
+        model = classifier_guidance(model, clf, s, pass_labels=cfg.data.cond == "class")
+    return model, scale, ({"interval": interval} if scale is not None and interval is not None else None)
+
+
+def weak_model(run: str, main_run: str, cfg, info: dict, ema: bool = True):
+    """The bad model of autoguidance: a run (or checkpoint folder) making the same data on the same path."""
+    from .training import load_model
+    from .training.checkpoint import find_checkpoint, read_meta
+
+    folder = find_checkpoint(run)
+    if os.path.realpath(folder) == os.path.realpath(find_checkpoint(main_run)):
+        raise UnifuseError(f"--autoguide {run} is the sampled checkpoint itself, so guidance would change nothing; "
+                           "give a weaker model: an earlier step folder (RUN/ckpt/step-N) or a smaller or shorter run")
+    weak_info = read_meta(folder)["data"]
+    model, weak_cfg = load_model(folder, ema=ema)
+    if list(weak_info["shape"]) != list(info["shape"]):
+        raise UnifuseError(f"--autoguide {run} makes data of shape {list(weak_info['shape'])} ({weak_info['name']}), but the "
+                           f"sampled run makes {list(info['shape'])} ({info['name']}); use a weaker run on the same data")
+    if (weak_cfg.model.path, weak_cfg.model.path_options) != (cfg.model.path, cfg.model.path_options):
+        raise UnifuseError(f"--autoguide {run} is on path {weak_cfg.model.path!r} but the sampled run on {cfg.model.path!r}; "
+                           "autoguidance compares two models of the same kind: train the weak one with the same preset")
+    if weak_cfg.data.cond != cfg.data.cond or (cfg.data.cond == "class" and
+                                               int(weak_info.get("num_classes", 0)) != int(info.get("num_classes", 0))):
+        raise UnifuseError(f"--autoguide {run} has data.cond={weak_cfg.data.cond!r} ({weak_info.get('num_classes', 0)} classes) "
+                           f"but the sampled run data.cond={cfg.data.cond!r} ({info.get('num_classes', 0)} classes); both "
+                           "must take the same condition")
+    return model
 
 
 def evaluate_run(ckpt: str, n=None, *, nll: bool = False, sampler=None, nfe=None, seed: int = 0, progress=True) -> dict:

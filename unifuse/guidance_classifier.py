@@ -203,7 +203,8 @@ def train_classifier_preset(name: str, out: str, steps: Optional[int] = None, mi
     # held-out accuracy at a few noise levels, by EDM sigma = sigma/alpha (what a user reads as "how noisy")
     acc = {f"sigma={s:g}": accuracy(clf, heldout.images, heldout.labels, float(clf.path.t_from_sigma_edm(torch.tensor(s))))
            for s in (0.0, 0.5, 1.0, 2.0, 5.0)}
-    record = {"preset": name, "data": data_name, "path": path_name, "config": clf.config, "steps": steps,
+    record = {"preset": name, "data": data_name, "shape": list(train_set.shape), "class_names": list(train_set.class_names),
+              "path": path_name, "config": clf.config, "steps": steps,
               "seconds": round(seconds, 1), "seed": seed, "heldout_accuracy": acc}
     os.makedirs(out, exist_ok=True)
     weights, sidecar = os.path.join(out, "classifier.safetensors"), os.path.join(out, "classifier.json")
@@ -217,8 +218,10 @@ def train_classifier_preset(name: str, out: str, steps: Optional[int] = None, mi
     return record
 
 
-def load_noisy_classifier(folder: str) -> NoisyClassifier:
-    """A classifier saved by `train_classifier_preset` (safetensors weights, JSON sidecar; no pickle)."""
+def load_noisy_classifier(folder: str, shape: Optional[Sequence[int]] = None,
+                          num_classes: Optional[int] = None) -> NoisyClassifier:
+    """A classifier saved by `train_classifier_preset` (safetensors weights, JSON sidecar; no pickle).
+    shape, num_classes: the data shape [C, H, W] and class count it must have been trained on (checked)."""
     from safetensors.torch import load_file
 
     from .paths import get as get_path
@@ -227,7 +230,21 @@ def load_noisy_classifier(folder: str) -> NoisyClassifier:
     if not (os.path.isfile(weights) and os.path.isfile(sidecar)):
         raise UnifuseError(f"{folder} holds no noise-conditional classifier (classifier.safetensors + classifier.json); "
                            "train one with `unifuse train digits-classifier --out DIR`")
-    record = json.load(open(sidecar))
+    with open(sidecar) as fh:
+        record = json.load(fh)
+    fix = f"train one on the run's data: unifuse train {'|'.join(CLASSIFIER_PRESETS)} --out DIR"
+    if shape is not None:
+        trained = record.get("shape")
+        if trained is None:  # sidecars written before the shape was recorded
+            from .data import load_dataset
+
+            trained = list(load_dataset(record["data"], "heldout").shape)
+        if [int(v) for v in trained] != [int(v) for v in shape]:
+            raise UnifuseError(f"classifier {folder} was trained on {record.get('data')} images of shape {list(trained)}, "
+                               f"but the model makes {list(shape)}; {fix}")
+    k = int(record["config"].get("num_classes", 10))
+    if num_classes is not None and k != int(num_classes):
+        raise UnifuseError(f"classifier {folder} knows {k} classes, but the model's data has {num_classes}; {fix}")
     clf = NoisyClassifier(get_path(record["path"]), **record["config"])
     clf.load_state_dict(load_file(weights))
     return clf.eval()

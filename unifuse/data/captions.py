@@ -4,6 +4,10 @@ The bundled digit sets have labels, not text; for caption-conditional training (
 ALGORITHMS card 12) each image gets a caption drawn from varied templates ("a handwritten seven",
 "the digit 7", ...). The held-out templates are never used in training, so sampling with them measures
 whether the model follows the meaning of a prompt rather than memorised strings.
+
+An image folder brings its own captions (`folder_captions`): a captions.jsonl at the top of the folder with
+one {"file": "cats/1.png", "caption": "..."} per line (or captions.json / .csv / .tsv / .txt), and/or a .txt
+beside an image holding its caption (cats/1.png -> cats/1.txt).
 """
 from __future__ import annotations
 
@@ -171,6 +175,80 @@ def read_captions(path: str) -> Dict[str, str]:
     return out
 
 
+SIDECAR = ".txt"  # a caption beside an image: photos/cat1.png -> photos/cat1.txt
+
+
+def _norm(name: str) -> str:
+    """A file name as written in a captions file -> a '/'-separated path relative to the folder."""
+    name = str(name).strip().replace("\\", "/")
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+def folder_captions(folder: str, files: Sequence[str]) -> list:
+    """The caption of every image of a folder (files: paths relative to `folder`, '/'-separated).
+
+    Convention: one captions file at the top of the folder (captions.jsonl with {"file": ..., "caption": ...}
+    per line, or captions.json / .csv / .tsv / .txt, see `read_captions`), its names relative to the folder
+    (a bare file name is enough when it is unique), and/or a .txt file beside an image holding that image's
+    caption (cat1.png -> cat1.txt). The captions file wins where both give one. Every image needs a
+    non-empty caption and every name in the captions file must be an image of the folder."""
+    files = [_norm(f) for f in files]
+    present = [name for name in CAPTION_FILES if os.path.isfile(os.path.join(folder, name))]
+    if len(present) > 1:
+        raise UnifuseError(f"image folder {folder} has several captions files ({', '.join(present)}); keep one")
+    by_name: Dict[str, str] = {}
+    if present:
+        path = os.path.join(folder, present[0])
+        index = set(files)
+        by_base: Dict[str, list] = {}
+        for f in files:
+            by_base.setdefault(os.path.basename(f), []).append(f)
+        for key, text in read_captions(path).items():
+            name = _norm(key)
+            if name not in index:
+                hits = by_base.get(name, []) if "/" not in name else []
+                if len(hits) > 1:
+                    raise UnifuseError(f"{path} names {key!r}, which matches {len(hits)} images ({', '.join(hits[:3])}); "
+                                       "write the path relative to the folder, e.g. " + repr(hits[0]))
+                if not hits:
+                    raise UnifuseError(f"{path} names {key!r}, which is not an image in {folder}; fix the name "
+                                       "(paths are relative to the folder) or remove that entry")
+                name = hits[0]
+            by_name[name] = text
+    out, missing = [], []
+    for f in files:
+        text = by_name.get(f)
+        if text is None:
+            side = os.path.join(folder, os.path.splitext(f)[0] + SIDECAR)
+            if os.path.isfile(side):
+                with open(side, encoding="utf-8") as fh:
+                    text = " ".join(fh.read().split())
+        if text is None:
+            missing.append(f)
+        elif not text.strip():
+            raise UnifuseError(f"image {f} in {folder} has an empty caption (the empty caption is the unconditional "
+                               "input of guidance); write a caption for it or remove the image")
+        out.append(text)
+    if missing and len(missing) == len(files):
+        raise UnifuseError(f"data.cond='text' needs captions, but image folder {folder} has none; add captions.jsonl "
+                           'with lines {"file": "cat1.png", "caption": "..."} or a .txt beside each image '
+                           "(cat1.png -> cat1.txt), or train with data.cond=none")
+    if missing:
+        where = present[0] if present else f"{os.path.splitext(missing[0])[0] + SIDECAR} beside the image"
+        raise UnifuseError(f"{len(missing)} of {len(files)} images in {folder} have no caption (first: {missing[0]}); "
+                           f"add them to {where} or remove those images")
+    return out
+
+
+def caption_vocabulary(captions: Sequence[str]):
+    """(the distinct captions, sorted; LongTensor of each item's index into them)."""
+    vocab = sorted(set(captions))
+    index = {c: i for i, c in enumerate(vocab)}
+    return vocab, torch.tensor([index[c] for c in captions], dtype=torch.long)
+
+
 def captions_for_files(files: Sequence[str], captions: Dict[str, str], path: str = "the captions file") -> list:
     """The caption of each image file (matched by relative path, then by base name)."""
     by_base = {os.path.basename(k): v for k, v in captions.items()}
@@ -184,4 +262,5 @@ def captions_for_files(files: Sequence[str], captions: Dict[str, str], path: str
 
 
 __all__ = ["WORDS", "TRAIN_TEMPLATES", "HELDOUT_TEMPLATES", "templates", "caption", "captions_for", "CaptionBank",
-           "caption_bank", "find_captions", "read_captions", "captions_for_files"]
+           "caption_bank", "find_captions", "read_captions", "captions_for_files", "folder_captions", "caption_vocabulary",
+           "SIDECAR"]

@@ -28,7 +28,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 @dataclass(frozen=True, eq=False)
 class Dataset:
     """images [N, C, H, W] float32 in [-1, 1] ([N, D] for the toy sets); labels LongTensor [N] or None;
-    pad = pixels of padding on each side (cropped by `to_uint8`)."""
+    pad = pixels of padding on each side (cropped by `to_uint8`); class_names: the name of each class;
+    captions: one caption per item (image folders loaded with captions=True), else ()."""
 
     name: str
     images: torch.Tensor
@@ -36,6 +37,7 @@ class Dataset:
     num_classes: int = 0
     pad: int = 0
     class_names: tuple = field(default=())
+    captions: tuple = field(default=())
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -99,10 +101,11 @@ def _mnist_raw():
     return x.reshape(-1, 28, 28).astype(np.float32), y.astype(np.int64)
 
 
-def _finish(name, x, y, split, num_classes, pad=0, class_names=()):
+def _finish(name, x, y, split, num_classes, pad=0, class_names=(), captions=()):
     idx = split_indices(len(x), y, split)
     labels = None if y is None else torch.as_tensor(y[idx]).long()
-    return Dataset(name, x[idx].contiguous(), labels, num_classes, pad, tuple(class_names))
+    captions = tuple(captions[i] for i in idx) if captions else ()
+    return Dataset(name, x[idx].contiguous(), labels, num_classes, pad, tuple(class_names), captions)
 
 
 def load_digits_set(split: str = "train") -> Dataset:
@@ -135,9 +138,11 @@ def _cache_dir() -> Path:
 
 
 def load_folder_set(folder: str, split: str = "train", size: int = 32, channels: Optional[int] = None,
-                    cache_dir: Optional[str] = None) -> Dataset:
+                    cache_dir: Optional[str] = None, captions: bool = False) -> Dataset:
     """Every image under `folder`, centre-cropped to a square, resized to size x size, grayscale (channels=1) or RGB
-    (3; default: grayscale if every file is). Sub-folders become class labels when there are two or more of them.
+    (3; default: grayscale if every file is). Sub-folders become class labels (named by the sub-folders) when
+    every image sits in one and there are two or more of them. captions=True also reads each image's caption
+    (a captions.jsonl file or a .txt beside each image; `unifuse.data.captions.folder_captions`).
     The decoded array is cached (safetensors) under a hash of the file list, size and channels."""
     from safetensors.numpy import load_file, save_file
 
@@ -169,8 +174,13 @@ def load_folder_set(folder: str, split: str = "train", size: int = 32, channels:
         tmp = path.with_suffix(".tmp")
         save_file({"images": x, **({"labels": y} if y is not None else {})}, str(tmp))
         os.replace(tmp, path)  # atomic: a half-written cache is never read
+    texts = ()
+    if captions:
+        from .captions import folder_captions
+
+        texts = folder_captions(str(root), [p.relative_to(root).as_posix() for p in files])
     x = from_uint8(x)
-    return _finish(f"folder:{folder}", x, y, split, len(classes) if labelled else 0, 0, classes if labelled else ())
+    return _finish(f"folder:{folder}", x, y, split, len(classes) if labelled else 0, 0, classes if labelled else (), texts)
 
 
 def _mode(path: Path) -> str:
@@ -194,12 +204,23 @@ DATASETS = {"digits": load_digits_set, "mnist": load_mnist_set,
             **{name: functools.partial(load_toy_set, name) for name in TOYS}}
 
 
+def folder_path(name) -> Optional[str]:
+    """The folder a data set name points at ("folder:<path>", or the path of an existing directory), else None."""
+    if not isinstance(name, str):
+        return None
+    if name.startswith("folder:"):
+        return name[len("folder:"):]
+    return name if name not in DATASETS and os.path.isdir(os.path.expanduser(name)) else None
+
+
 def load_dataset(name: str, split: str = "train", **options) -> Dataset:
     """A data set by name: "digits", "mnist", a toy set ("moons", "8gaussians", "checkerboard", "swissroll") or
-    "folder:<path>" (options size=, channels=, cache_dir=); split "train", "heldout" or "all"."""
+    "folder:<path>" / the path of a directory (options size=, channels=, cache_dir=, captions=); split "train",
+    "heldout" or "all"."""
     choose("split", split, SPLITS)
-    if isinstance(name, str) and name.startswith("folder:"):
-        return load_folder_set(name[len("folder:"):], split, **options)
+    folder = folder_path(name)
+    if folder is not None:
+        return load_folder_set(folder, split, **options)
     loader = DATASETS[choose("data set", name, list(DATASETS) + ["folder:<path>"])]
     try:
         return loader(split=split, **options)

@@ -15,19 +15,37 @@ from ..model import DiffusionModel
 
 
 def build_data(cfg, split: str = "train"):
-    """The configured data set (unifuse.data.load_dataset)."""
-    from ..data import load_dataset
+    """The configured data set (unifuse.data.load_dataset). With data.cond=text on an image folder the images'
+    captions are read and the labels become each image's index into the sorted distinct captions."""
+    from dataclasses import replace
 
-    data = load_dataset(cfg.data.name, split)
+    from ..data import load_dataset
+    from ..data.images import folder_path
+
+    folder = folder_path(cfg.data.name)
+    text_folder = cfg.data.cond == "text" and folder is not None
+    data = load_dataset(cfg.data.name, split, **({"captions": True} if text_folder else {}))
+    if text_folder:
+        from ..data.captions import caption_vocabulary
+
+        return replace(data, labels=caption_vocabulary(data.captions)[1])
     if cfg.data.cond in ("class", "text") and (data.labels is None or data.num_classes < 2):
-        raise UnifuseError(f"data.cond={cfg.data.cond!r} needs class labels, but data set {cfg.data.name!r} has none; "
-                           "use data.cond=none")
+        fix = ("put the images in one sub-folder per class (two or more)" if folder is not None and cfg.data.cond == "class"
+               else "use data.cond=none")
+        raise UnifuseError(f"data.cond={cfg.data.cond!r} needs class labels, but data set {cfg.data.name!r} has none; {fix}")
     return data
 
 
 def data_info(data) -> dict:
-    """What a checkpoint must remember about the data to rebuild and sample the model."""
-    return {"name": data.name, "shape": list(data.shape), "num_classes": int(data.num_classes), "pad": int(data.pad)}
+    """What a checkpoint must remember about the data to rebuild and sample the model (with the class names,
+    and for a captioned folder the sorted distinct captions that its labels index)."""
+    info = {"name": data.name, "shape": list(data.shape), "num_classes": int(data.num_classes), "pad": int(data.pad),
+            "class_names": [str(c) for c in data.class_names]}
+    if data.captions:
+        from ..data.captions import caption_vocabulary
+
+        info["captions"] = caption_vocabulary(data.captions)[0]
+    return info
 
 
 class Flattened(torch.nn.Module):
@@ -151,10 +169,13 @@ class Batches:
 class Conditioner:
     """Labels -> the network's condition dict ({class_labels} or a caption's {text, text_mask}), with
     classifier-free guidance's condition dropout (`unifuse.guidance.drop_condition`, probability p_uncond).
+    Digit labels draw a caption from the templates; on a captioned folder (info["captions"]) a label is the
+    index of the image's own caption. Every caption is encoded once (the encoder's per-caption cache).
     Draws come from a CPU generator so that CPU and GPU runs make the same choices."""
 
     def __init__(self, cfg, device, info: dict):
         self.kind, self.p, self.device, self.bank = cfg.data.cond, cfg.data.p_uncond, device, None
+        self.captions, self.encoder = info.get("captions"), None
         if self.kind == "text":
             from ..data import text
 
@@ -162,14 +183,25 @@ class Conditioner:
                 raise UnifuseError(f"preset {cfg.name!r} trains on captions and needs the text encoder; {text.INSTALL_HINT}")
             from ..data.captions import caption_bank
 
-            self.bank = caption_bank(text.default_encoder(), "train", info["num_classes"])
+            if self.captions:
+                self.encoder = text.default_encoder()
+                for i in range(0, len(self.captions), 256):  # encode every caption once, up front
+                    self.encoder.encode(self.captions[i:i + 256])
+            else:
+                self.bank = caption_bank(text.default_encoder(), "train", info["num_classes"])
 
     def __call__(self, labels: Optional[torch.Tensor], generator: torch.Generator) -> dict:
         from ..guidance import drop_condition
 
         if self.kind == "none" or labels is None:
             return {}
-        cond = {"class_labels": labels} if self.kind == "class" else self.bank.draw(labels, generator)
+        if self.kind == "class":
+            cond = {"class_labels": labels}
+        elif self.captions:
+            emb = self.encoder.encode([self.captions[i] for i in labels.tolist()])
+            cond = {"text": emb.tokens, "text_mask": emb.mask}
+        else:
+            cond = self.bank.draw(labels, generator)
         cond = drop_condition(cond, self.p, generator)
         return {k: v.to(self.device) for k, v in cond.items()}
 

@@ -21,10 +21,13 @@ def condition_for(model, info: dict, cfg, n: int, *, class_label=None, prompt=No
 
         emb = encode([prompt], device=device)
         return {"text": emb.tokens.expand(n, -1, -1), "text_mask": emb.mask.expand(n, -1)}, None
+    if kind == "none" and _classifier_guided(model):  # classifier guidance: class labels for an unconditional net
+        kind = "class"
     if class_label is not None:
         k = info.get("num_classes", 0)
         if kind != "class":
-            raise UnifuseError(f"--class needs a class-conditional model (e.g. digits-cond); this run has data.cond={kind!r}")
+            raise UnifuseError(f"--class needs a class-conditional model (e.g. digits-cond) or --classifier DIR; this run "
+                               f"has data.cond={kind!r}")
         if not 0 <= int(class_label) < k:
             raise UnifuseError(f"--class must be in 0..{k - 1}, got {class_label}")
         labels = torch.full((n,), int(class_label), dtype=torch.long)
@@ -32,6 +35,12 @@ def condition_for(model, info: dict, cfg, n: int, *, class_label=None, prompt=No
     if kind == "class":  # balanced classes, so sample statistics match the data's
         labels = torch.arange(n) % info["num_classes"]
         return {"class_labels": labels.to(device)}, labels
+    if kind == "text" and info.get("captions"):  # a captioned image folder: its own captions, in turn
+        from ..data.text import encode
+
+        caps = info["captions"]
+        emb = encode([caps[i % len(caps)] for i in range(n)], device=device)
+        return {"text": emb.tokens, "text_mask": emb.mask}, None
     if kind == "text":
         from ..data.captions import captions_for
         from ..data.text import encode
@@ -40,6 +49,19 @@ def condition_for(model, info: dict, cfg, n: int, *, class_label=None, prompt=No
         emb = encode(captions_for(labels, "heldout", torch.Generator().manual_seed(0)), device=device)
         return {"text": emb.tokens, "text_mask": emb.mask}, labels
     return None, None
+
+
+def _classifier_guided(model) -> bool:
+    """True when `model` or a model it wraps applies classifier guidance."""
+    from ..guidance import ClassifierGuided
+
+    for _ in range(16):
+        if isinstance(model, ClassifierGuided):
+            return True
+        model = getattr(model, "inner", None)
+        if model is None:
+            return False
+    return False
 
 
 def generate(model, cfg, info: dict, n: int, *, seed: int = 0, device="cpu", batch: int = 500, sampler=None,
