@@ -128,3 +128,63 @@ def test_generator_forms():
     a = uf.samplers.randn((3, 4), generator=[1, 2, 3], dtype=F64)
     b = uf.samplers.randn((1, 4), generator=[2], dtype=F64)
     torch.testing.assert_close(a[1:2], b)
+
+
+def test_repeated_calls_reuse_the_set_up_and_give_identical_samples(monkeypatch):
+    """A second uf.sample call with the same settings does no schedule work, returns the same samples as a
+    call with nothing kept (new path and model), and still stops at a non-finite step."""
+    path = uf.paths.DDPM.linear()
+    oracle = GM.model(uf.paths.DDPM.linear(), "eps").net  # the exact eps on its own copy of the path
+    broken = {"on": False}
+
+    def net(x, t):  # from t < 300 on it returns NaN once broken
+        return torch.where(torch.as_tensor(broken["on"]) & (t.reshape(-1, 1) < 300), float("nan"), oracle(x, t))
+
+    model = uf.DiffusionModel(net, path, "eps")
+    noise = torch.randn(3, 4)
+    first = uf.sample(model, noise, "ddim", nfe=10, spacing="trailing")
+    calls = []
+    for name in ("coefficients", "alpha", "sigma", "t_from_log_snr", "log_snr"):
+        original = getattr(path, name)
+        monkeypatch.setattr(path, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    again = uf.sample(model, noise, "ddim", nfe=10, spacing="trailing")
+    assert calls == [] and torch.equal(first, again)
+    monkeypatch.undo()
+    fresh_path = uf.paths.DDPM.linear()
+    fresh = uf.DiffusionModel(net, fresh_path, "eps")
+    assert torch.equal(first, uf.sample(fresh, noise, "ddim", nfe=10, spacing="trailing"))
+    broken["on"] = True  # trailing grid 999, 899, ..., 299, 199, ...: step 7 (from t = 299) is the first NaN
+    with pytest.raises(uf.UnifuseError, match=r"non-finite value \(nan\).*step 7 of 10"):
+        uf.sample(model, noise, "ddim", nfe=10, spacing="trailing")
+
+
+def test_kept_set_up_follows_the_model_path_batch_and_dtype():
+    """What is kept is keyed by the model's path and settings and by the batch, dtype and device: changing any
+    of them gives the samples of a model built with that setting from scratch."""
+    model = GM.model(uf.paths.get("vp-linear"), "eps")
+    noise = torch.randn(4, 4, dtype=F64)
+    uf.sample(model, noise, "dpmpp_2m", nfe=6, spacing="uniform")
+    model.path = uf.paths.VP.linear(0.5, 10.0)  # the same network read on another path (same uniform grid)
+    fresh = uf.DiffusionModel(model.net, model.path, "eps")
+    assert torch.equal(uf.sample(model, noise, "dpmpp_2m", nfe=6, spacing="uniform"),
+                       uf.sample(fresh, noise, "dpmpp_2m", nfe=6, spacing="uniform"))
+    uf.sample(model, noise, "ddim", nfe=6)
+    model.time_input = lambda t: 1000 * t  # another time input (the oracle net then sees other times)
+    fresh.time_input = model.time_input
+    assert torch.equal(uf.sample(model, noise, "ddim", nfe=6), uf.sample(fresh, noise, "ddim", nfe=6))
+    for x in (noise[:1], noise.float(), noise.reshape(4, 2, 2)):  # batch 1, float32, another shape
+        ref = uf.sample(uf.DiffusionModel(model.net, model.path, "eps", time_input=model.time_input), x, "ddim", nfe=6)
+        assert torch.equal(uf.sample(model, x, "ddim", nfe=6), ref)
+    on_edm = model.on(uf.paths.get("edm"))  # a re-expressed model: kept by its own key, same samples again
+    first = uf.sample(on_edm, noise, "heun", nfe=7)
+    assert torch.equal(uf.sample(on_edm, noise, "heun", nfe=7), first)
+    assert torch.equal(uf.sample(model.on(uf.paths.get("edm")), noise, "heun", nfe=7), first)
+
+
+def test_kept_set_up_is_bounded():
+    from unifuse.samplers.base import MEMO_ATTR, MEMO_SIZE
+
+    model = model_on()
+    for nfe in range(1, 3 * MEMO_SIZE):
+        uf.sample(model, torch.randn(2, 4, dtype=F64), "ddim", nfe=nfe)
+    assert 0 < len(vars(model)[MEMO_ATTR]) <= MEMO_SIZE and 0 < len(vars(model.path)[MEMO_ATTR]) <= MEMO_SIZE

@@ -38,6 +38,12 @@ class Prepared(NamedTuple):
     checked: bool = False  # the conversion at this time was validated in advance
 
 
+def _pure(fn) -> bool:
+    """A time_input whose output depends on t alone as far as we can tell: none, or a function or method
+    that is not a torch module's (a module's parameters may change between calls)."""
+    return fn is None or (not isinstance(fn, nn.Module) and not isinstance(getattr(fn, "__self__", None), nn.Module))
+
+
 def batch_times(t, x: torch.Tensor) -> torch.Tensor:
     """t as a float64 tensor of shape [batch] on x's device."""
     t = as_time(t).to(device=x.device, dtype=torch.float64)
@@ -122,6 +128,14 @@ class DiffusionModel(nn.Module):
             x_scale = input_scale(c, self.sigma_data).to(x.dtype) if self.scale_input else None
             out.append(Prepared(times[k], c, inputs[k], x_scale, checked[k]))
         return out
+
+    def grid_key(self):
+        """Everything `prepare_grid` reads besides the grid and x's batch, dtype and device: samplers keep its
+        result under this key (None: not kept, e.g. a subclass's own prepare_grid or a time_input that is a
+        module, whose parameters may change between calls)."""
+        if type(self).prepare_grid is not DiffusionModel.prepare_grid or not _pure(self.time_input):
+            return None
+        return (self.path, self.prediction, self.time_input, self.scale_input, self.sigma_data)
 
     def _grid_is_valid(self, c: Coefficients) -> list:
         """Per grid time: is the conversion from this model's kind nonsingular there? (one vectorized check
@@ -261,6 +275,15 @@ class ReexpressedModel(DiffusionModel):
         fast = type(self.source).evaluate is DiffusionModel.evaluate
         src = self.source.prepare_grid(t_src, x) if fast else [None] * ts.numel()
         return [(scale[k], t_src[k], src[k]) for k in range(ts.numel())]
+
+    def grid_key(self):
+        """Both paths and the source's own key (its prepared evaluations are part of ours)."""
+        if type(self).prepare_grid is not ReexpressedModel.prepare_grid:
+            return None
+        if type(self.source).evaluate is not DiffusionModel.evaluate:  # the source is called through its evaluate
+            return (self.path, self.source, self.source.path, None)
+        key = self.source.grid_key()
+        return None if key is None else (self.path, self.source, self.source.path, key)
 
     def evaluate_prepared(self, x: torch.Tensor, prepared, **cond) -> Evaluation:
         scale, t_src, src = prepared

@@ -13,6 +13,9 @@ exceeded:
   consistency: the first nfe noisy times of the spacing's (nfe + 1)-step grid (the least noisy one, where
     re-noising would change almost nothing, is skipped);
   adaptive: nfe is an upper bound; exceeding it raises.
+The grid and every quantity that depends on time alone (schedule, prepared evaluations, step coefficients) are
+kept on the path and the model (`samplers.base.memo`, a few entries per object), so repeating a call with the same
+settings, batch size, dtype and device does no set-up work.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch
 from . import samplers as _samplers
 from .errors import UnifuseError
 from .paths import time_grid
+from .samplers.base import memo
 
 F64 = torch.float64
 
@@ -115,6 +119,20 @@ def noise_end_grid(path, steps: int, spacing, grid_kw: dict, zero_snr_ok: bool =
     return ts
 
 
+def planned_grid(path, sampler: str, nfe: int, spacing, grid_kw: dict, zero_ok: bool, options: dict) -> tuple:
+    """(grid, extra sampler arguments, sigma at the grid's start) that spend exactly `nfe` evaluations;
+    `sample` keeps the result on the path (`samplers.memo`), so a repeated call recomputes none of it."""
+    spec = _samplers.get(sampler)
+    steps, extra = plan(sampler, nfe, False, options)
+    ts = noise_end_grid(path, steps, spacing, grid_kw, zero_ok)
+    if spec.zero_snr_first_order and float(path.alpha(ts[:1])[0]) == 0.0:
+        steps, extra = plan(sampler, nfe, True, options)
+        ts = noise_end_grid(path, steps, spacing, grid_kw, zero_ok)
+    if spec.cost == "renoise":  # multistep consistency sampling never lands on the grid's least noisy time
+        ts = torch.cat([ts[:-2], ts[-1:]])
+    return ts, extra, float(path.sigma(ts[:1])[0])
+
+
 def _check_nfe(nfe):
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise UnifuseError(f"nfe must be a positive integer (the exact number of network evaluations), got {nfe!r}")
@@ -161,21 +179,19 @@ def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: Optional[
         if spec.cost == "adaptive":
             extra = {"max_nfe": nfe} if nfe is not None else {}
         nfe = cost if cost is not None else nfe
+        prior = float(path.sigma(ts[:1])[0])
     else:
         nfe = _check_nfe(spec.default_nfe if nfe is None else nfe)
         spacing = spec.spacing if spacing is None else spacing
-        grid_kw = dict(rho=rho, shift=shift, sigma_min=sigma_min, sigma_max=sigma_max, t_max=t_max)
         zero_ok = getattr(model, "prediction", None) not in ("eps", "score")  # those are undefined at alpha = 0
-        steps, extra = plan(sampler, nfe, False, options)
-        ts = noise_end_grid(path, steps, spacing, grid_kw, zero_ok)
-        if spec.zero_snr_first_order and float(path.alpha(ts[:1])[0]) == 0.0:
-            steps, extra = plan(sampler, nfe, True, options)
-            ts = noise_end_grid(path, steps, spacing, grid_kw, zero_ok)
-        if spec.cost == "renoise":  # multistep consistency sampling never lands on the grid's least noisy time
-            ts = torch.cat([ts[:-2], ts[-1:]])
+        grid_kw = dict(rho=rho, shift=shift, sigma_min=sigma_min, sigma_max=sigma_max, t_max=t_max)
+        n_corrector = options.get("n_corrector", 1) if spec.cost == "pc" else None
+        key = ("uf.sample grid", sampler, nfe, spacing, rho, shift, sigma_min, sigma_max, t_max, zero_ok, n_corrector)
+        ts, extra, prior = memo(path, key, lambda: planned_grid(path, sampler, nfe, spacing, grid_kw, zero_ok, options))
+        extra = {k: list(v) if isinstance(v, list) else v for k, v in extra.items()}  # own copies per call
     if progress is None:  # a bar for long runs in a terminal
         progress = (nfe or 0) >= 100 and sys.stderr.isatty()
-    x = noise * float(path.sigma(ts[:1])[0])
+    x = noise * prior
     records = Trajectory(ts.tolist(), [x.detach().clone()], []) if return_trajectory else None
 
     def record(i, t, state, denoised):

@@ -17,7 +17,7 @@ import math
 import torch
 
 from ..errors import UnifuseError, choose
-from .base import GaussianStep, coefs_at, linear, setup
+from .base import GaussianStep, coefs_at, linear, remember, setup
 
 VARIANCES = ("small", "large", "learned")
 
@@ -59,8 +59,9 @@ def sample_ddim(model, x, ts, *, cond=None, noise=None, callback=None, progress=
     eta = _check_eta(eta)
     ev, sch, x, rng = setup("ddim", model, x, ts, cond, noise, callback, progress, info)
     K = len(sch.t) - 1
-    coefs = [ddim_coefficients(sch.alpha[i], sch.sigma[i], sch.lam[i], sch.alpha[i + 1], sch.sigma[i + 1],
-                               sch.lam[i + 1], eta) for i in range(K)]
+    coefs = remember(ev.constants, ("ddim", eta), lambda: [  # kept with the grid's schedule (see `setup`)
+        ddim_coefficients(sch.alpha[i], sch.sigma[i], sch.lam[i], sch.alpha[i + 1], sch.sigma[i + 1],
+                          sch.lam[i + 1], eta) for i in range(K)])
     for i in ev.steps(K):
         e = ev(x, sch.t[i])
         c_x, c_0, std = coefs[i]
@@ -68,6 +69,7 @@ def sample_ddim(model, x, ts, *, cond=None, noise=None, callback=None, progress=
         if std > 0.0:
             x = x.add_(rng(x), alpha=std)
         ev.done(i, sch.t[i + 1], x, e.x0)
+        e = None  # free this step's network output before the next one is made (a lower peak of live tensors)
     return ev.finish(x)
 
 

@@ -75,6 +75,60 @@ def check_grid(ts) -> torch.Tensor:
     return ts
 
 
+# --- set-up work kept per object: a second call with the same settings does none of it ---------------
+MEMO_ATTR, MEMO_SIZE = "_unifuse_sampling_memo", 16
+
+
+def remember(table: dict, key, make: Callable, size: int = MEMO_SIZE, keep: Optional[Callable] = None):
+    """table[key], made by make() on a miss; at most `size` keys (the oldest dropped first). An unhashable
+    key, or a value for which keep(value) is false, is not kept. Values are shared between calls: callers
+    never modify them."""
+    try:
+        return table[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable setting (e.g. a list): compute, do not cache
+        return make()
+    value = make()
+    if keep is not None and not keep(value):
+        return value
+    while len(table) >= size:
+        table.pop(next(iter(table)), None)
+    table[key] = value
+    return value
+
+
+def memo(owner, key, make: Callable, keep: Optional[Callable] = None):
+    """`remember` in a table kept on `owner` (a path or a model): it lives and dies with that object, so
+    nothing is shared between unrelated objects, and a model given another path misses (keys name it)."""
+    table = getattr(owner, "__dict__", None)
+    if table is None:
+        return make()
+    return remember(table.setdefault(MEMO_ATTR, {}), key, make, keep=keep)
+
+
+class GridPlan(NamedTuple):
+    """The time-only work of one grid on one path: the checked grid, its `Schedule`, the coefficient
+    tensors, and a table for sampler-specific per-grid constants (e.g. DDIM's step coefficients)."""
+
+    ts: torch.Tensor
+    sch: Schedule
+    coef: tuple
+    constants: dict
+
+
+def grid_plan(path, ts) -> GridPlan:
+    """`check_grid` and `schedule` of ts on path, computed once per (path, grid) (see `memo`)."""
+    ts = torch.as_tensor(ts, dtype=F64).detach().cpu().flatten()
+
+    def make():
+        checked = check_grid(ts)
+        sch, coef = schedule(path, checked, tensors=True)
+        return GridPlan(checked, sch, coef, {})
+
+    return memo(path, ("grid plan", ts.numpy().tobytes()), make)
+
+
 # --- exponential-integrator weights -------------------------------------------------------------------
 def phi(k: int, z: float) -> float:
     """phi_k(z) = (e^z - sum_{j<k} z^j/j!) / z^k (phi_0 = e^z), accurate for small |z| (series)."""
@@ -201,15 +255,17 @@ class Evaluator:
                                f"got {type(model).__name__}")
         self.model, self.cond, self.callback, self.name = model, dict(cond or {}), callback, name
         self.in_dtype = x.dtype
-        self.like = x.detach()
+        self.like = x.new_zeros(()).expand(x.shape)  # x's shape, dtype and device without holding its memory
         self.fast = type(model).evaluate is DiffusionModel.evaluate and hasattr(model, "prepare_grid")
         self.cache, self.pending = {}, []
         self.nfe = 0
         self.step, self.n_steps, self.t = 0, 0, None
         self.progress, self.bar = progress, None
         self.check_finite = check_finite
+        self.on_cpu = x.device.type == "cpu"
         self.sums = None  # device-side per-step checks, read once at the end (no sync per step)
         self.info = info
+        self.constants = {}  # per-grid constants a sampler may keep between calls (see `setup`)
 
     @property
     def path(self):
@@ -267,18 +323,19 @@ class Evaluator:
     def done(self, i: int, t: float, x: torch.Tensor, denoised: Optional[torch.Tensor] = None) -> None:
         """After step i (ending at time t): finite check, progress, callback."""
         if self.check_finite:
-            self._check(i, t, x)
+            s = (x.detach() if x.requires_grad else x).sum()  # one reduction: NaN or inf anywhere makes it non-finite
+            if self.on_cpu:  # checked now, so sampling stops at the step that failed
+                v = s.item()
+                if not math.isfinite(v):
+                    self._fail(i, t, v)
+            else:  # kept on the device and read once in `finish`: no host sync inside the loop
+                self._defer(i, s)
         if self.bar is not None:
             self.bar.update(1)
         if self.callback is not None:
             self.callback(i, t, x, denoised)
 
-    def _check(self, i, t, x):
-        s = x.detach().sum()
-        if s.device.type == "cpu":
-            if not math.isfinite(float(s)):
-                self._fail(i, t, float(s))
-            return
+    def _defer(self, i, s):
         if self.sums is None:
             self.sums = torch.zeros(max(self.n_steps, 1), dtype=s.dtype, device=s.device)
         self.sums[min(i, self.sums.numel() - 1)] = s
@@ -300,17 +357,43 @@ class Evaluator:
                            "velocity) or start below the noise end")
 
 
+def _no_grad(prepared: dict) -> bool:
+    """Prepared evaluations that carry no autograd graph (a time input with parameters makes one per call)."""
+    return not any(isinstance(v, torch.Tensor) and v.requires_grad
+                   for p in prepared.values() if p is not None for v in _leaves(p))
+
+
+def _leaves(p):
+    for v in p:
+        if isinstance(v, tuple):
+            yield from _leaves(v)
+        else:
+            yield v
+
+
 def setup(name, model, x, ts, cond, noise, callback, progress, info=None, check_finite=True):
-    """(evaluator, schedule, state, noise source) for one sampling call; all time-only work done here.
+    """(evaluator, schedule, state, noise source) for one sampling call; all time-only work done here, and
+    kept (`memo`) on the path (grid, schedule) and on the model (its prepared evaluations), so a second call
+    with the same grid, model settings, batch size, dtype and device repeats none of it.
     `info`, a dict, receives the number of network evaluations ("nfe") and grid steps when sampling ends."""
-    ts = check_grid(ts)
+    path = getattr(model, "path", None)
+    plan = grid_plan(path, ts) if path is not None else check_grid(ts)  # a model without a path: refused below
     if not isinstance(x, torch.Tensor) or x.ndim < 1 or not x.is_floating_point():
         raise UnifuseError(f"{name}: x must be a floating-point tensor [batch, ...], got {type(x).__name__}")
     ev = Evaluator(model, x, cond, callback, name, progress, check_finite, info)
-    sch, coef = schedule(model.path, ts, tensors=True)
+    ts, sch, coef = plan.ts, plan.sch, plan.coef
+    ev.constants = plan.constants
     if ev.fast:  # the grid's evaluations, prepared from the same coefficients
-        n = len(sch.t) - 1
-        ev.cache.update(zip(sch.t[:n], model.prepare_grid(ts[:n], ev.like, tuple(c[:n] for c in coef))))
+        n, like = len(sch.t) - 1, ev.like
+
+        def prepare():
+            return dict(zip(sch.t[:n], model.prepare_grid(ts[:n], like, tuple(c[:n] for c in coef))))
+
+        key = model.grid_key() if hasattr(model, "grid_key") else None
+        key = None if key is None else ("prepared", ts.numpy().tobytes(), key, like.device, like.dtype, like.shape[0],
+                                        like.ndim)
+        prepared = prepare() if key is None else memo(model, key, prepare, keep=_no_grad)
+        ev.cache.update(prepared)
     return ev, sch, x.to(state_dtype(x)), as_noise_source(noise, x.shape[0])
 
 
