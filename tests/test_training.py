@@ -212,6 +212,29 @@ def test_learning_rate_schedule():
     assert learning_rate(cfg, 0) == pytest.approx(1e-4) and learning_rate(cfg, 9) == pytest.approx(1e-3)
     assert learning_rate(cfg, 50) == pytest.approx(1e-3) and learning_rate(cfg, 400) == pytest.approx(5e-4)
 
+    # Cool-down: linear to 0 over the last 40% of the budget, by steps by default or by the spent time fraction.
+    cool = C.get_config("digits", ["optim.lr=1e-3", "optim.warmup_steps=0", "optim.decay_after=0", "optim.cooldown=0.4",
+                                     "train.steps=1000"])
+    assert learning_rate(cool, 500) == pytest.approx(1e-3) and learning_rate(cool, 600) == pytest.approx(1e-3)
+    assert learning_rate(cool, 800) == pytest.approx(0.5e-3) and learning_rate(cool, 1000) == 0.0
+    assert learning_rate(cool, 10, progress=0.9) == pytest.approx(0.25e-3)
+    with pytest.raises(UnifuseError, match="optim.cooldown must be a fraction"):
+        C.get_config("digits", ["optim.cooldown=1.5"])
+
+
+def test_cooldown_follows_the_time_budget(tmp_path):
+    """With a time budget the loop passes the spent fraction of it: the last logged rates fall towards 0."""
+    import json
+
+    from unifuse.training import train
+
+    cfg = C.get_config("toy-moons", ["train.steps=100000", "train.minutes=0.03", "train.clock=process", "optim.cooldown=0.5",
+                                 "optim.warmup_steps=0", "train.log_every=1", "train.ckpt_every=100000"])
+    train(cfg, str(tmp_path / "run"), progress=False, log=lambda *a: None)
+    lrs = [r["lr"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "lr" in r and "loss" in r]
+    assert lrs[0] == pytest.approx(cfg.optim.lr) and lrs[-1] < 0.1 * cfg.optim.lr
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[len(lrs) // 2:], lrs[len(lrs) // 2 + 1:]))
+
 
 def test_ctrl_c_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path):
     """SIGINT to `unifuse train` ends the current step, writes a checkpoint, exits 130; resuming from it

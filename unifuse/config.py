@@ -58,6 +58,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 100         # linear warm-up from 0
     decay_after: int = 0            # > 0: lr * sqrt(decay_after / step) after that step (EDM2); 0: constant
+    cooldown: float = 0.0           # > 0: lr falls linearly to 0 over this last fraction of the budget (steps or time)
     grad_clip: float = 1.0          # max global gradient norm; 0 disables
     accumulate: int = 1             # micro-batches per optimizer step
     ema_halflife: float = 10000.0   # EMA half-life in images (EDM)
@@ -202,6 +203,7 @@ def validate(cfg: Config) -> Config:
         (d.batch % cfg.optim.accumulate == 0,
          f"data.batch ({d.batch}) must be divisible by optim.accumulate ({cfg.optim.accumulate})"),
         (cfg.optim.ema_halflife >= 0, f"optim.ema_halflife must be >= 0, got {cfg.optim.ema_halflife}"),
+        (0.0 <= cfg.optim.cooldown <= 1.0, f"optim.cooldown must be a fraction in [0, 1], got {cfg.optim.cooldown}"),
         (t.steps >= 0, f"train.steps must be >= 0, got {t.steps}"),
         (t.minutes >= 0, f"train.minutes must be >= 0, got {t.minutes}"),
         (cfg.sample.nfe >= 1, f"sample.nfe must be >= 1, got {cfg.sample.nfe}"),

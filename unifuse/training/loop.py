@@ -33,12 +33,18 @@ class TrainingDiverged(UnifuseError):
     """The loss or the gradient became NaN or infinite."""
 
 
-def learning_rate(cfg, step: int) -> float:
-    """Linear warm-up over optim.warmup_steps, then constant, or lr sqrt(decay_after / step) after decay_after."""
+def learning_rate(cfg, step: int, progress: float | None = None) -> float:
+    """Linear warm-up over optim.warmup_steps, then constant, or lr sqrt(decay_after / step) after decay_after;
+    with optim.cooldown = f > 0 the rate then falls linearly to 0 over the last fraction f of the budget
+    (warmup-stable-decay, Hu et al. 2024). `progress` is the fraction of the budget spent (default
+    step / train.steps; the loop passes the larger of that and the spent fraction of train.minutes)."""
     o = cfg.optim
     lr = o.lr * min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else o.lr
     if o.decay_after > 0 and step > o.decay_after:
         lr *= math.sqrt(o.decay_after / step)
+    if o.cooldown > 0:
+        done = step / max(cfg.train.steps, 1) if progress is None else progress
+        lr *= min(1.0, max(0.0, (1.0 - done) / o.cooldown))
     return lr
 
 
@@ -159,10 +165,11 @@ def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, lo
     clock_start = clock()
     bar = _progress(progress and env.main, total, step)
     reason, last_ckpt, tick, tick_step, sums = "steps", None, time.time(), step, torch.zeros(2, dtype=torch.float64)
+    spent = 0.0  # fraction of the time budget used, as of the last step (rank 0's, shared by the collective)
     interrupt = _InterruptFlag(enabled=not env.distributed)  # Ctrl-C ends the step, checkpoints, stops
     try:
         while step < total:
-            lr = learning_rate(cfg, step)
+            lr = learning_rate(cfg, step, max(step / max(total, 1), spent))
             for group in opt.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=dev)
@@ -178,10 +185,11 @@ def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, lo
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
             # One collective per step: the summed loss, a non-finite flag and rank 0's out-of-time flag.
-            out_of_time = float(clock() - clock_start > budget) if env.main else 0.0
+            used = (clock() - clock_start) / budget if env.main else 0.0
             finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
-            flags = distributed.all_sum(env, torch.tensor([float(loss_sum) / cfg.optim.accumulate, float(not finite), out_of_time],
-                                                          dtype=torch.float64))
+            flags = distributed.all_sum(env, torch.tensor([float(loss_sum) / cfg.optim.accumulate, float(not finite),
+                                                           float(used > 1.0), used], dtype=torch.float64))
+            spent = float(flags[3])
             if flags[1] > 0:
                 if env.main:
                     _log_line(metrics_path, {"step": step, "event": "diverged", "lr": lr})
