@@ -26,7 +26,7 @@ SEEDS = 3  # sample seeds per run
 
 
 def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe: int, sampler: str | None,
-            overrides: list, out: str, precision: str | None) -> dict:
+            overrides: list, out: str, precision: str | None, img_dir: str) -> dict:
     """Train `dataset-family` for `minutes` of this process's CPU time (robust on a shared machine; with one
     thread it is the time an idle core would take), sample n images, measure them."""
     import torch
@@ -85,9 +85,9 @@ def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe
     from unifuse.training.plots import save_grid
     save_grid(x[:100], os.path.join(out, "grid.png"), nrow=10)
     # A copy beside the results page (runs/ is not kept in the repository).
-    grid = os.path.join(ROOT, "docs", "benchmarks", "img", f"training-{dataset}-{family}.png")
+    grid = os.path.join(img_dir, f"training-{dataset}-{family}.png")
     save_grid(x[:100], grid, nrow=10)
-    report["grid"] = os.path.relpath(grid, os.path.join(ROOT, "docs", "benchmarks"))
+    report["grid"] = os.path.relpath(grid, os.path.dirname(img_dir))
     return report
 
 
@@ -165,6 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "bench-train"))
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "training.md"))
     p.add_argument("--note", default="")
+    p.add_argument("--img", default=os.path.join(ROOT, "docs", "benchmarks", "img"), help=argparse.SUPPRESS)
     p.add_argument("--one", nargs=2, metavar=("FAMILY", "DATASET"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
         minutes = args.minutes or (5.0 if dataset == "digits" else 20.0)
         nfe = args.nfe if family != "ct" else 2
         r = run_one(family, dataset, minutes, args.threads, args.n, nfe, args.sampler if family != "ct" else None,
-                    args.overrides, os.path.join(args.runs, f"{dataset}-{family}"), args.precision)
+                    args.overrides, os.path.join(args.runs, f"{dataset}-{family}"), args.precision, args.img)
         print("RESULT " + json.dumps(r))
         return 0
 
@@ -181,7 +182,8 @@ def main(argv=None) -> int:
     for dataset in args.datasets:
         for family in args.families:
             cmd = [sys.executable, os.path.abspath(__file__), "--one", family, dataset, "--threads", str(args.threads),
-                   "--n", str(args.n), "--nfe", str(args.nfe), "--runs", args.runs]
+                   "--n", str(args.n), "--nfe", str(args.nfe), "--runs", args.runs,
+                   "--img", os.path.join(os.path.dirname(os.path.abspath(args.out)), "img")]
             for flag, value in (("--minutes", args.minutes), ("--sampler", args.sampler), ("--precision", args.precision)):
                 if value is not None:
                     cmd += [flag, str(value)]
