@@ -162,12 +162,22 @@ def main(argv=None) -> int:
     p.add_argument("--sigma-start", type=float, default=0.01,
                    help="sigma/alpha at the data end, equal for every family (0 = each model's own t_eps)")
     p.add_argument("--oracle-only", action="store_true")
+    p.add_argument("--skip-oracle", action="store_true", help="part B only (with --json, for --merge later)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="write the report from --json files of earlier runs (part A from the first that has it)")
     p.add_argument("--out", default=os.path.join("docs", "benchmarks", "likelihood.md"))
     p.add_argument("--json", default=None, help="also write all results as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     command = "python bench/likelihood.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    oracle = oracle_part(args.rtol)
+    if args.merge:  # one report from several partial runs (e.g. one model per process while others train)
+        parts = [json.load(open(f)) for f in args.merge]
+        oracle = next((q["oracle"] for q in parts if q.get("oracle")), [])
+        mnist = [r for q in parts for r in q.get("mnist", [])]
+        command = "; ".join(q["command"] for q in parts if "command" in q) + f"; {command}"
+        write_markdown(args.out, command, oracle, mnist, sorted({r["run"] for r in mnist}), args.rtol)
+        return 0
+    oracle = [] if args.skip_oracle else oracle_part(args.rtol)
     runs = [] if args.oracle_only else (args.runs if args.runs is not None else sorted(glob.glob(os.path.join("runs", "mnist-*"))))
     mnist = mnist_part(runs, args.n, args.batch, args.rtol, args.probes, args.vlb_steps, args.sigma_start) if runs else []
     if not runs and not args.oracle_only:
@@ -176,7 +186,7 @@ def main(argv=None) -> int:
     write_markdown(args.out, command.strip(), oracle, mnist, runs, args.rtol)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"oracle": oracle, "mnist": mnist}, fh, indent=1)
+            json.dump({"command": command.strip(), "oracle": oracle, "mnist": mnist}, fh, indent=1)
     return 0
 
 

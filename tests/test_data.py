@@ -179,3 +179,20 @@ def test_folder_caption_errors_name_the_file_and_the_fix(tmp_path):
     (root / "captions.csv").write_text("file,caption\nx/0.png,a\n")
     with pytest.raises(UnifuseError, match=r"several captions files \(captions.jsonl, captions.csv\); keep one"):
         load()
+
+
+def test_folder_size_and_channels_come_from_the_config(tmp_path, monkeypatch):
+    """data.size / data.channels reach the folder loader: a run on 8x8 PNGs can keep 8x8 (or ask for RGB)."""
+    from unifuse import config as C
+    from unifuse.training.build import build_data
+
+    monkeypatch.setenv("UNIFUSE_CACHE", str(tmp_path / "cache"))
+    _png_folder(tmp_path / "imgs", [f"{i}.png" for i in range(6)])
+    base = [f"data.name=folder:{tmp_path / 'imgs'}"]
+    assert build_data(C.get_config("digits", base), "all").shape == (1, 32, 32)
+    assert build_data(C.get_config("digits", base + ["data.size=8"]), "all").shape == (1, 8, 8)
+    assert build_data(C.get_config("digits", base + ["data.size=8", "data.channels=3"]), "all").shape == (3, 8, 8)
+    with pytest.raises(UnifuseError, match="data.channels must be 1"):
+        C.get_config("digits", ["data.channels=2"])
+    with pytest.raises(UnifuseError, match="data.size must be at least 4"):
+        C.get_config("digits", ["data.size=2"])

@@ -31,6 +31,8 @@ class DataConfig:
     batch: int = 128                # images per optimizer step, over all processes and accumulation rounds
     cond: str = "none"              # none | class | text
     p_uncond: float = 0.1           # label dropout: a label becomes -1 (the null class) with this probability
+    size: int = 32                  # image folders: side in pixels after the centre crop and resize
+    channels: int = 0               # image folders: 1 grayscale, 3 RGB, 0 grayscale if every file is
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,8 @@ def validate(cfg: Config) -> Config:
     choose("train.clock", t.clock, ("wall", "process"))
     checks = [
         (d.batch >= 1, f"data.batch must be >= 1, got {d.batch}"),
+        (d.size >= 4, f"data.size must be at least 4 pixels, got {d.size}"),
+        (d.channels in (0, 1, 3), f"data.channels must be 1 (grayscale), 3 (RGB) or 0 (automatic), got {d.channels}"),
         (0.0 <= d.p_uncond < 1.0, f"data.p_uncond must be in [0, 1), got {d.p_uncond}"),
         (cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}"),
         (cfg.optim.accumulate >= 1, f"optim.accumulate must be >= 1, got {cfg.optim.accumulate}"),

@@ -24,7 +24,10 @@ def build_data(cfg, split: str = "train"):
 
     folder = folder_path(cfg.data.name)
     text_folder = cfg.data.cond == "text" and folder is not None
-    data = load_dataset(cfg.data.name, split, **({"captions": True} if text_folder else {}))
+    options = {} if folder is None else {"size": cfg.data.size, "channels": cfg.data.channels or None}
+    if text_folder:
+        options["captions"] = True
+    data = load_dataset(cfg.data.name, split, **options)
     if text_folder:
         from ..data.captions import caption_vocabulary
 
