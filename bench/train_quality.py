@@ -34,10 +34,7 @@ def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe
     torch.set_num_threads(threads)
     sys.path.insert(0, ROOT)
     from unifuse.config import apply_overrides, get_config
-    from unifuse.training import load_model, train
-    from unifuse.training.checkpoint import find_checkpoint, read_meta
-    from unifuse.training.demo import heldout_fd
-    from unifuse.training.sampling import generate
+    from unifuse.training import train
 
     name = dataset if family == "default" else f"{dataset}-{family}"
     cfg = get_config(name, overrides)
@@ -59,11 +56,32 @@ def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe
     t0, c0 = time.time(), time.process_time()
     summary = train(cfg, out, progress=False, log=lambda *a: None)
     train_s, train_cpu_s = time.time() - t0, time.process_time() - c0
+    report = measure(out, family, dataset, n, nfe, sampler, img_dir)
+    report.update(steps=summary["step"], train_s=round(train_s, 1), train_cpu_s=round(train_cpu_s, 1), threads=threads,
+                  precision=cfg.train.precision, loss=summary["loss"],
+                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    return report
+
+
+def measure(out: str, family: str, dataset: str, n: int, nfe: int, sampler: str | None, img_dir: str) -> dict:
+    """Sample n images from the trained run `out` three times (the current preset's sampler settings unless
+    `sampler` is given) and measure them against the held-out split; write the grid beside the results page."""
+    import torch
+
+    from unifuse.config import get_config
+    from unifuse.training import load_model
+    from unifuse.training.checkpoint import find_checkpoint, read_meta
+    from unifuse.training.demo import heldout_fd
+    from unifuse.training.sampling import generate
+
+    name = dataset if family == "default" else f"{dataset}-{family}"
+    preset = get_config(name).sample
     model, cfg = load_model(out)
     info = read_meta(find_checkpoint(out))["data"]
     # FD of n samples varies by ~20% between sample seeds at these sizes: average three seeds.
     t0 = time.time()
-    draws = [generate(model, cfg, info, n, seed=s, sampler=sampler, nfe=nfe)[0] for s in range(SEEDS)]
+    draws = [generate(model, cfg, info, n, seed=s, sampler=sampler, nfe=nfe, clip_denoised=preset.clip_denoised,
+                      threshold_percentile=preset.threshold_percentile)[0] for s in range(SEEDS)]
     sample_s = (time.time() - t0) / SEEDS
     reports = [heldout_fd(x, info["name"]) for x in draws]
     x = draws[0]
@@ -71,11 +89,8 @@ def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe
     report = dict(reports[0], fd_heldout=sum(fds) / SEEDS, fd_seeds=fds,
                   fd_sd=float(torch.tensor(fds, dtype=torch.float64).std()))
     report["fd_ratio"] = report["fd_heldout"] / report["fd_floor"]
-    report.update(family=family, dataset=dataset, preset=name, steps=summary["step"], train_s=round(train_s, 1),
-                  train_cpu_s=round(train_cpu_s, 1),
-                  sample_s=round(sample_s, 1), sampler=sampler or cfg.sample.sampler, nfe=nfe, n=n, threads=threads,
-                  precision=cfg.train.precision, loss=summary["loss"],
-                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    report.update(family=family, dataset=dataset, preset=name, sample_s=round(sample_s, 1),
+                  sampler=sampler or cfg.sample.sampler, nfe=nfe, n=n, clip_denoised=preset.clip_denoised)
     try:
         from unifuse.metrics import evaluate_images
         ev = evaluate_images(x, info["name"])
@@ -89,6 +104,28 @@ def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe
     save_grid(x[:100], grid, nrow=10)
     report["grid"] = os.path.relpath(grid, os.path.dirname(img_dir))
     return report
+
+
+def remeasure(run: str, family: str, dataset: str, n: int, nfe: int, sampler: str | None, img_dir: str,
+              known: dict) -> dict:
+    """`measure` again for a trained run (e.g. after a preset's sampler settings changed), keeping its training
+    figures from result.json, from `known` (the results JSON) or, failing both, from its metrics.jsonl."""
+    import yaml
+
+    path = os.path.join(run, "result.json")
+    old = json.load(open(path)) if os.path.exists(path) else dict(known)
+    if "steps" not in old:  # only the run folder: its log and config
+        lines = [json.loads(ln) for ln in open(os.path.join(run, "metrics.jsonl"))]
+        end = [ln for ln in lines if ln.get("event") == "end"][-1]
+        cfg = yaml.safe_load(open(os.path.join(run, "config.yaml")))
+        old.update(steps=end["step"], train_s=round(end["seconds"], 1), train_cpu_s=round(cfg["train"]["minutes"] * 60, 1),
+                   threads=cfg["train"]["threads"], precision=cfg["train"]["precision"],
+                   loss=[ln["loss"] for ln in lines if "loss" in ln][-1], peak_rss_mb=known.get("peak_rss_mb", 0.0))
+    new = measure(run, family, dataset, n, nfe, sampler, img_dir)
+    merged = dict(old, **new)
+    with open(path, "w") as fh:
+        json.dump(merged, fh, indent=1)
+    return merged
 
 
 def measure_rate(cfg, steps: int = 4) -> float:
@@ -132,7 +169,7 @@ def write_markdown(results: list, path: str, command: str, note: str) -> None:
             if "error" in r:
                 lines.append(f"| {r['family']} | | | | | | | error: {r['error']} | | | | |")
                 continue
-            lines.append(f"| {r['family']} | {r['steps']} | {r['train_cpu_s']} | {r['train_s']} | {r['sampler']} | "
+            lines.append(f"| {r['family']} | {r['steps']} | {r['train_cpu_s']} | {r['train_s']} | {r['sampler']}{' + clip' if r.get('clip_denoised') else ''} | "
                          f"{r['nfe']} | {r['n']} | {r['fd_heldout']:.3f} +- {r['fd_sd']:.3f} | {r['fd_floor']:.3f} | "
                          f"{r['fd_ratio']:.2f} | {r['peak_rss_mb']} | [grid]({r['grid']}) |")
         lines.append(f"<!-- /sweep:{dataset} -->")
@@ -150,6 +187,17 @@ def write_markdown(results: list, path: str, command: str, note: str) -> None:
         os.replace(tmp, path)
 
 
+def save_results(results: list, path: str) -> None:
+    """Write `results` into the JSON file at `path`, replacing earlier entries of the same data set and family
+    and keeping the others (each sweep fills in its own rows)."""
+    kept = json.load(open(path)) if os.path.exists(path) else []
+    new = {(r["dataset"], r["family"]) for r in results}
+    merged = [r for r in kept if (r.get("dataset"), r.get("family")) not in new] + results
+    with open(path + ".tmp", "w") as fh:
+        json.dump(merged, fh, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=["digits"], choices=["digits", "mnist"])
@@ -165,6 +213,10 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "bench-train"))
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "training.md"))
     p.add_argument("--note", default="")
+    p.add_argument("--remeasure", action="store_true",
+                   help="no training: sample and measure the trained runs under --runs again (current preset settings)")
+    p.add_argument("--collect", action="store_true",
+                   help="no training: rebuild the report from the runs' result.json files under --runs")
     p.add_argument("--img", default=os.path.join(ROOT, "docs", "benchmarks", "img"), help=argparse.SUPPRESS)
     p.add_argument("--one", nargs=2, metavar=("FAMILY", "DATASET"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -175,7 +227,47 @@ def main(argv=None) -> int:
         nfe = args.nfe if family != "ct" else 2
         r = run_one(family, dataset, minutes, args.threads, args.n, nfe, args.sampler if family != "ct" else None,
                     args.overrides, os.path.join(args.runs, f"{dataset}-{family}"), args.precision, args.img)
+        with open(os.path.join(args.runs, f"{dataset}-{family}", "result.json"), "w") as fh:
+            json.dump(r, fh, indent=1)  # kept with the run, so a report can be rebuilt (--collect)
         print("RESULT " + json.dumps(r))
+        return 0
+
+    if args.remeasure:
+        import torch
+
+        sys.path.insert(0, ROOT)
+        known_path = os.path.splitext(args.out)[0] + ".json"
+        known = {(r.get("dataset"), r.get("family")): r for r in (json.load(open(known_path)) if os.path.exists(known_path) else [])}
+        for dataset in args.datasets:
+            for family in args.families:
+                run = os.path.join(args.runs, f"{dataset}-{family}")
+                if not os.path.isdir(os.path.join(run, "ckpt")):
+                    print(f"   {dataset}-{family}: no trained run under {run}", flush=True)
+                    continue
+                nfe = args.nfe if family != "ct" else 2
+                torch.set_num_threads(args.threads)
+                r = remeasure(run, family, dataset, args.n, nfe, args.sampler if family != "ct" else None, args.img,
+                              known.get((dataset, family), {}))
+                print(f"   {dataset}-{family}: FD {r['fd_heldout']:.3f}, ratio {r['fd_ratio']:.2f} "
+                      f"(clip_denoised {r['clip_denoised']})", flush=True)
+        args.collect = True
+    if args.collect:  # every family of the data sets: a run's result.json, else its row in the results JSON
+        known_path = os.path.splitext(args.out)[0] + ".json"
+        known = {(r.get("dataset"), r.get("family")): r for r in (json.load(open(known_path)) if os.path.exists(known_path) else [])}
+        results = []
+        for d in args.datasets:
+            for f in FAMILIES:
+                found = os.path.join(args.runs, f"{d}-{f}", "result.json")
+                if os.path.exists(found):
+                    results.append(json.load(open(found)))
+                elif (d, f) in known:
+                    results.append(known[(d, f)])
+        if not results:
+            raise SystemExit(f"no result.json under {args.runs} for {args.datasets} x {args.families}")
+        save_results(results, os.path.splitext(args.out)[0] + ".json")
+        write_markdown(results, args.out, "python bench/train_quality.py " + " ".join(
+            a for a in (argv if argv is not None else sys.argv[1:]) if a != "--collect"), args.note)
+        print(f"wrote {args.out} ({len(results)} runs)")
         return 0
 
     jobs = []
@@ -216,8 +308,7 @@ def main(argv=None) -> int:
                   f"ratio {r['fd_ratio']:.2f}, peak {r['peak_rss_mb']} MB", flush=True)
     order = [(d, f) for d in args.datasets for f in args.families]
     results = [results[k] for k in order if k in results]
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as fh:
-        json.dump(results, fh, indent=1)
+    save_results(results, os.path.splitext(args.out)[0] + ".json")
     command = "python bench/train_quality.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
     write_markdown(results, args.out, command.strip(), args.note)
     print(f"wrote {args.out}")

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classifier-scale", type=float, metavar="S", help="classifier guidance scale (default 1)")
     s.add_argument("--autoguide", metavar="RUN", help="autoguidance: guide away from RUN, a weaker model of the same "
                                                       "kind (an earlier checkpoint, a smaller or shorter run); scale --guidance")
+    s.add_argument("--clip-denoised", type=float, metavar="C", help="clip the denoised estimate to [-C, C] (1 for "
+                                                                    "images; default: the run's sample.clip_denoised)")
+    s.add_argument("--threshold-percentile", type=float, metavar="P",
+                   help="with --clip-denoised: dynamic thresholding at quantile P of |x0| per sample (Imagen: 0.995)")
     s.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--batch", type=int, default=500, help="samples per sampler call")
 
@@ -158,7 +162,8 @@ def cmd_sample(args) -> int:
     model, guidance, options = guided_model(model, cfg, info, args)
     x, labels = generate(model, cfg, info, args.n, seed=args.seed, batch=args.batch, sampler=args.sampler, nfe=args.nfe,
                          spacing=args.spacing, class_label=class_label, prompt=args.prompt, guidance=guidance,
-                         guidance_options=options, progress=True)
+                         guidance_options=options, clip_denoised=args.clip_denoised,
+                         threshold_percentile=args.threshold_percentile, progress=True)
     os.makedirs(args.out, exist_ok=True)
     arrays = {}
     if x.ndim == 4:

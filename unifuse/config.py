@@ -90,6 +90,8 @@ class SampleConfig:
     sampler: str = "heun"
     nfe: int = 20
     spacing: str = ""               # "" = the sampler's default grid
+    clip_denoised: float = 0.0      # > 0: clip the denoised estimate to [-c, c] (unifuse.thresholding); 0: off
+    threshold_percentile: float = 0.0   # > 0 with clip_denoised: dynamic thresholding at this quantile (Imagen 0.995)
     grid: int = 64                  # images in the training grids
 
 
@@ -168,7 +170,9 @@ def family_config(family: str, dataset: str = "digits", *, cond: str = "none", n
                           decay_after=d["decay_after"]),
         train=TrainConfig(steps=steps, ckpt_every=max(100, steps // 8), log_every=max(1, min(25, steps // 100)),
                           precision=d["precision"], threads=d["threads"]),
-        sample=SampleConfig(sampler=sampler, nfe=nfe),
+        # eps predictions blow up near zero SNR (x0 = (x - sigma eps) / alpha): on images in [-1, 1] they clip the
+        # denoised estimate, as improved-diffusion's clip_denoised does (unifuse.thresholding)
+        sample=SampleConfig(sampler=sampler, nfe=nfe, clip_denoised=1.0 if kind != "toy" and prediction == "eps" else 0.0),
     )
     return validate(cfg)
 
@@ -207,6 +211,10 @@ def validate(cfg: Config) -> Config:
         (d.batch % cfg.optim.accumulate == 0,
          f"data.batch ({d.batch}) must be divisible by optim.accumulate ({cfg.optim.accumulate})"),
         (cfg.optim.ema_halflife >= 0, f"optim.ema_halflife must be >= 0, got {cfg.optim.ema_halflife}"),
+        (cfg.sample.clip_denoised >= 0, f"sample.clip_denoised must be >= 0 (0 = off, 1 = images in [-1, 1]), "
+                                        f"got {cfg.sample.clip_denoised}"),
+        (0.0 <= cfg.sample.threshold_percentile < 1.0,
+         f"sample.threshold_percentile must be in [0, 1) (0 = static clipping), got {cfg.sample.threshold_percentile}"),
         (0.0 <= cfg.optim.cooldown <= 1.0, f"optim.cooldown must be a fraction in [0, 1], got {cfg.optim.cooldown}"),
         (t.steps >= 0, f"train.steps must be >= 0, got {t.steps}"),
         (t.minutes >= 0, f"train.minutes must be >= 0, got {t.minutes}"),

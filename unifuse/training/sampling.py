@@ -66,8 +66,10 @@ def _classifier_guided(model) -> bool:
 
 def generate(model, cfg, info: dict, n: int, *, seed: int = 0, device="cpu", batch: int = 500, sampler=None,
              nfe=None, spacing=None, class_label=None, prompt=None, guidance=None, guidance_options=None,
-             progress: bool = False):
-    """(samples [n, *shape] in data units, labels [n] or None) from `model` with the run's sampler settings."""
+             clip_denoised=None, threshold_percentile=None, progress: bool = False):
+    """(samples [n, *shape] in data units, labels [n] or None) from `model` with the run's sampler settings.
+    clip_denoised > 0 (default: the run's sample.clip_denoised) clips the denoised estimate to that range after
+    any guidance, dynamically at quantile threshold_percentile when that is > 0 (`unifuse.thresholding`)."""
     from tqdm.auto import tqdm
 
     from ..sampling import sample
@@ -79,6 +81,16 @@ def generate(model, cfg, info: dict, n: int, *, seed: int = 0, device="cpu", bat
     if guidance is not None and cond is None:
         raise UnifuseError("--guidance needs a conditional model and a condition (--class or --prompt, or a "
                            "class-conditional run)")
+    clip = float(cfg.sample.clip_denoised if clip_denoised is None else clip_denoised)
+    percentile = float(cfg.sample.threshold_percentile if threshold_percentile is None else threshold_percentile)
+    if clip > 0:  # guidance first, then the threshold (clipping before guidance changes what is guided)
+        from ..thresholding import threshold
+
+        if guidance is not None:
+            from ..guidance import classifier_free
+
+            model, guidance = classifier_free(model, float(guidance), **(guidance_options or {})), None
+        model = threshold(model, clip, percentile if percentile > 0 else None)
     model = model.to(device) if isinstance(model, torch.nn.Module) else model
     shape = tuple(info["shape"])
     out = []
