@@ -265,8 +265,10 @@ def main(argv=None) -> int:
         if not results:
             raise SystemExit(f"no result.json under {args.runs} for {args.datasets} x {args.families}")
         save_results(results, os.path.splitext(args.out)[0] + ".json")
-        write_markdown(results, args.out, "python bench/train_quality.py " + " ".join(
-            a for a in (argv if argv is not None else sys.argv[1:]) if a != "--collect"), args.note)
+        shown = list(argv if argv is not None else sys.argv[1:])
+        if "--note" in shown:  # the note is printed below the command
+            del shown[shown.index("--note"):shown.index("--note") + 2]
+        write_markdown(results, args.out, "python bench/train_quality.py " + " ".join(shown), args.note)
         print(f"wrote {args.out} ({len(results)} runs)")
         return 0
 
