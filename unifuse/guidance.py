@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import UnifuseError, choose
-from .model import DiffusionModel, Evaluation, batch_times
+from .model import DiffusionModel, Evaluation, WrappedModel, batch_times
 from .parameterization.convert import KINDS, coefficients, compute_dtype, from_pair, to_pair
 from .paths.base import as_time
 
@@ -170,41 +170,26 @@ def _select(cond: Mapping, idx: torch.Tensor, batch: int) -> dict:
 
 
 # --- the guided model ------------------------------------------------------------------------------
-class GuidedModel(DiffusionModel):
+class GuidedModel(WrappedModel):
     """Base of the guided models: a DiffusionModel on `inner.path` whose `evaluate` is guided.
 
     interval: (sigma_lo, sigma_hi] in EDM noise level sigma/alpha; interval_log_snr: [lam_lo, lam_hi)
     in log-SNR (the same set). Outside it the plain conditional model is returned.
     """
 
+    what = "guidance"
+
     def __init__(self, inner: DiffusionModel, scale: float, interval=None, interval_log_snr=None, kind: str = "x0"):
-        nn.Module.__init__(self)
-        if not isinstance(inner, DiffusionModel):
-            raise UnifuseError(f"guidance wraps a uf.DiffusionModel, got {type(inner).__name__}")
+        super().__init__(inner)
         try:
             scale = float(scale)
         except (TypeError, ValueError):
             raise UnifuseError(f"guidance scale must be a number (1 = no guidance), got {scale!r}") from None
         if not math.isfinite(scale):
             raise UnifuseError(f"guidance scale must be finite, got {scale}")
-        self.inner, self.scale, self.kind = inner, scale, choose("guidance kind", kind, COMBINE_KINDS)
-        self.path, self.prediction, self.sigma_data = inner.path, inner.prediction, inner.sigma_data
-        self.learned_variance, self.boundary = inner.learned_variance, inner.boundary
-        self.time_input, self.scale_input = None, False
+        self.scale, self.kind = scale, choose("guidance kind", kind, COMBINE_KINDS)
         self.interval = _interval(interval, interval_log_snr)
         self.reset_counts()
-
-    @property
-    def net(self):
-        return self.inner.net
-
-    @property
-    def t_max(self) -> float:
-        return self.inner.t_max
-
-    @property
-    def t_eps(self) -> float:
-        return self.inner.t_eps
 
     def reset_counts(self) -> None:
         for name in COUNTERS:

@@ -215,6 +215,34 @@ class DiffusionModel(nn.Module):
         return f"path={self.path!r}, prediction={self.prediction!r}"
 
 
+class WrappedModel(DiffusionModel):
+    """Base of the model -> model transforms (guidance, thresholding): the path, prediction kind and options of
+    `inner`, whose `evaluate` a subclass changes."""
+
+    what = "a model transform"
+
+    def __init__(self, inner: DiffusionModel):
+        nn.Module.__init__(self)
+        if not isinstance(inner, DiffusionModel):
+            raise UnifuseError(f"{self.what} wraps a uf.DiffusionModel, got {type(inner).__name__}")
+        self.inner = inner
+        self.path, self.prediction, self.sigma_data = inner.path, inner.prediction, inner.sigma_data
+        self.learned_variance, self.boundary = inner.learned_variance, inner.boundary
+        self.time_input, self.scale_input = None, False
+
+    @property
+    def net(self):
+        return self.inner.net
+
+    @property
+    def t_max(self) -> float:
+        return self.inner.t_max
+
+    @property
+    def t_eps(self) -> float:
+        return self.inner.t_eps
+
+
 class ReexpressedModel(DiffusionModel):
     """`source` evaluated on another path at equal log-SNR (NOTATION section 5):
     t_A = t_from_log_snr_A(log_snr_B(t_B)), x_A = x_B * |(alpha_A, sigma_A)| / |(alpha_B, sigma_B)|,

@@ -16,42 +16,26 @@ import math
 from typing import Optional
 
 import torch
-from torch import nn
 
 from .errors import UnifuseError
-from .model import DiffusionModel, Evaluation, batch_times
-from .parameterization.convert import coefficients, compute_dtype
+from .model import DiffusionModel, Evaluation, WrappedModel, batch_times
+from .parameterization.convert import coefficients, compute_dtype, to_pair
 
 
-class Thresholded(DiffusionModel):
+class Thresholded(WrappedModel):
     """`inner` with x0_hat clipped to [-limit, limit] (statically, or dynamically at quantile `percentile`)."""
 
+    what = "threshold"
+
     def __init__(self, inner: DiffusionModel, limit: float = 1.0, percentile: Optional[float] = None):
-        nn.Module.__init__(self)
-        if not isinstance(inner, DiffusionModel):
-            raise UnifuseError(f"threshold wraps a uf.DiffusionModel, got {type(inner).__name__}")
+        super().__init__(inner)
         if not (isinstance(limit, (int, float)) and math.isfinite(limit) and limit > 0):
             raise UnifuseError(f"threshold limit must be a positive number (the data range, 1 for images in [-1, 1]), "
                                f"got {limit!r}")
         if percentile is not None and not 0.0 < float(percentile) < 1.0:
             raise UnifuseError(f"threshold percentile must be in (0, 1) (Imagen uses 0.995), got {percentile!r}")
-        self.inner, self.limit = inner, float(limit)
+        self.limit = float(limit)
         self.percentile = None if percentile is None else float(percentile)
-        self.path, self.prediction, self.sigma_data = inner.path, inner.prediction, inner.sigma_data
-        self.learned_variance, self.boundary = inner.learned_variance, inner.boundary
-        self.time_input, self.scale_input = None, False
-
-    @property
-    def net(self):
-        return self.inner.net
-
-    @property
-    def t_max(self) -> float:
-        return getattr(self.inner, "t_max", self.path.t_max)
-
-    @property
-    def t_eps(self) -> float:
-        return self.inner.t_eps
 
     def clip(self, x0: torch.Tensor) -> torch.Tensor:
         """The thresholded denoised estimate (per sample for the dynamic kind)."""
@@ -66,10 +50,8 @@ class Thresholded(DiffusionModel):
         e = self.inner.evaluate(x, t, **cond)
         x0 = self.clip(e.x0)
         c = coefficients(self.path, t, x)
-        xc = x.to(compute_dtype(x))
         # eps from the clipped x0 where sigma > 0; at sigma = 0 (the data end) eps is not defined: keep the model's
-        safe = torch.where(c.sigma > 0, c.sigma, torch.ones_like(c.sigma))
-        eps = torch.where(c.sigma > 0, (xc - c.alpha * x0) / safe, e.eps)
+        eps = torch.where(c.sigma > 0, to_pair("x0", x0, x.to(compute_dtype(x)), c, check=False)[1], e.eps)
         return Evaluation(x0, eps, e.var_frac)
 
     def extra_repr(self) -> str:

