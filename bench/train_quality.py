@@ -22,7 +22,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("ddpm", "iddpm", "vpsde", "vesde", "edm", "rf", "trigflow", "ct")
-SEEDS = 3  # sample seeds per run
+# Sample seeds per run: the FD of 1,000 samples varies by ~25% between seeds (mostly the multinomial class counts),
+# so digits (2 s per draw) averages 10 and MNIST-5k (minutes per draw) 3. UNIFUSE_BENCH_SEEDS overrides both.
+SEEDS = {"digits": 10, "mnist": 3}
 
 
 def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe: int, sampler: str | None,
@@ -33,7 +35,7 @@ def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe
 
     torch.set_num_threads(threads)
     sys.path.insert(0, ROOT)
-    from unifuse.config import apply_overrides, get_config
+    from unifuse.config import CT_STAGE_FRACTION, apply_overrides, get_config
     from unifuse.training import train
 
     name = dataset if family == "default" else f"{dataset}-{family}"
@@ -48,7 +50,8 @@ def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe
     if precision:
         extra.append(f"train.precision={precision}")
     if cfg.objective.name == "ct":
-        extra.append(f"objective.options.stage_every={max(1, expected // 8)}")
+        stages = int(os.environ.get("UNIFUSE_BENCH_CT_STAGES", CT_STAGE_FRACTION))
+        extra.append(f"objective.options.stage_every={max(1, expected // stages)}")
     cfg = apply_overrides(cfg, extra)
     if os.path.exists(out):
         import shutil
@@ -78,15 +81,15 @@ def measure(out: str, family: str, dataset: str, n: int, nfe: int, sampler: str 
     preset = get_config(name).sample
     model, cfg = load_model(out)
     info = read_meta(find_checkpoint(out))["data"]
-    # FD of n samples varies by ~20% between sample seeds at these sizes: average three seeds.
+    seeds = int(os.environ.get("UNIFUSE_BENCH_SEEDS", SEEDS.get(dataset, 3)))
     t0 = time.time()
     draws = [generate(model, cfg, info, n, seed=s, sampler=sampler, nfe=nfe, clip_denoised=preset.clip_denoised,
-                      threshold_percentile=preset.threshold_percentile)[0] for s in range(SEEDS)]
-    sample_s = (time.time() - t0) / SEEDS
+                      threshold_percentile=preset.threshold_percentile)[0] for s in range(seeds)]
+    sample_s = (time.time() - t0) / seeds
     reports = [heldout_fd(x, info["name"]) for x in draws]
     x = draws[0]
     fds = [r["fd_heldout"] for r in reports]
-    report = dict(reports[0], fd_heldout=sum(fds) / SEEDS, fd_seeds=fds,
+    report = dict(reports[0], fd_heldout=sum(fds) / seeds, fd_seeds=fds,
                   fd_sd=float(torch.tensor(fds, dtype=torch.float64).std()))
     report["fd_ratio"] = report["fd_heldout"] / report["fd_floor"]
     report.update(family=family, dataset=dataset, preset=name, sample_s=round(sample_s, 1),
@@ -94,7 +97,8 @@ def measure(out: str, family: str, dataset: str, n: int, nfe: int, sampler: str 
     try:
         from unifuse.metrics import evaluate_images
         ev = evaluate_images(x, info["name"])
-        report.update(fd_train=ev["fd"], precision_knn=ev["precision"], recall_knn=ev["recall"], class_hist=ev["class_hist"])
+        report.update(fd_train=ev["fd"], precision_knn=ev["precision"], recall_knn=ev["recall"], class_hist=ev["class_hist"],
+                      recognised=ev["recognised"], recognised_hist=ev["recognised_hist"])
     except Exception as err:  # metrics are a bonus here
         report["metrics_error"] = str(err)
     from unifuse.training.plots import save_grid
@@ -128,16 +132,40 @@ def remeasure(run: str, family: str, dataset: str, n: int, nfe: int, sampler: st
     return merged
 
 
+def recognise(run: str, dataset: str, family: str, n: int) -> dict:
+    """Add the classifier's recognised fraction and per-class counts of n samples (seed 0, the preset's sampler)
+    to a run's result.json."""
+    from unifuse.config import get_config
+    from unifuse.metrics import evaluate_images
+    from unifuse.training import load_model
+    from unifuse.training.checkpoint import find_checkpoint, read_meta
+    from unifuse.training.sampling import generate
+
+    path = os.path.join(run, "result.json")
+    r = json.load(open(path))
+    preset = get_config(r["preset"]).sample
+    model, cfg = load_model(run)
+    info = read_meta(find_checkpoint(run))["data"]
+    x = generate(model, cfg, info, n, seed=0, sampler=r["sampler"], nfe=r["nfe"], clip_denoised=preset.clip_denoised,
+                 threshold_percentile=preset.threshold_percentile)[0]
+    ev = evaluate_images(x, info["name"])
+    r.update(recognised=ev["recognised"], recognised_hist=ev["recognised_hist"], recognised_n=n)
+    with open(path, "w") as fh:
+        json.dump(r, fh, indent=1)
+    return r
+
+
 def measure_rate(cfg, steps: int = 4) -> float:
     """Optimizer steps per CPU-second of this config on this process's threads (after one warm-up step)."""
     import torch
 
     from unifuse.training.build import build_data, build_model, build_net, build_objective, data_info
+    from unifuse.training.loop import adamw
 
     data = build_data(cfg)
     net = build_net(cfg, data_info(data))
     model, objective = build_model(cfg, net), build_objective(cfg, data)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    opt = adamw(net.parameters(), cfg.optim)
     g = torch.Generator().manual_seed(0)
     x = data.images[: cfg.data.batch]
     cond = {"class_labels": data.labels[: cfg.data.batch]} if cfg.data.cond == "class" else {}
@@ -163,15 +191,19 @@ def write_markdown(results: list, path: str, command: str, note: str) -> None:
         lines = [f"<!-- sweep:{dataset} -->", f"Command: `{command}` (run {datetime.date.today()})", ""]
         if note:
             lines += [note, ""]
-        lines += ["| family | steps | CPU s | wall s | sampler | NFE | n | FD held-out | floor | ratio | peak RSS MB | grid |",
-                  "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines += ["| family | steps | CPU s | wall s | sampler | NFE | n x seeds | FD held-out | floor (i.i.d.) | ratio | "
+                  "ratio to the subset floor | recognised (fewest in a class) | peak RSS MB | grid |",
+                  "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             if "error" in r:
-                lines.append(f"| {r['family']} | | | | | | | error: {r['error']} | | | | |")
+                lines.append(f"| {r['family']} | | | | | | | error: {r['error']} | | | | | | |")
                 continue
+            recognised = (f"{100 * r['recognised']:.0f}% of {r.get('recognised_n', r['n'])} ({min(r['recognised_hist'])})"
+                          if "recognised_hist" in r else "")
             lines.append(f"| {r['family']} | {r['steps']} | {r['train_cpu_s']} | {r['train_s']} | {r['sampler']}{' + clip' if r.get('clip_denoised') else ''} | "
-                         f"{r['nfe']} | {r['n']} | {r['fd_heldout']:.3f} +- {r['fd_sd']:.3f} | {r['fd_floor']:.3f} | "
-                         f"{r['fd_ratio']:.2f} | {r['peak_rss_mb']} | [grid]({r['grid']}) |")
+                         f"{r['nfe']} | {r['n']} x {len(r['fd_seeds'])} | {r['fd_heldout']:.3f} +- {r['fd_sd']:.3f} | "
+                         f"{r['fd_floor']:.3f} | {r['fd_ratio']:.2f} | {r['fd_heldout'] / r['fd_floor_subset']:.2f} | "
+                         f"{recognised} | {r['peak_rss_mb']} | [grid]({r['grid']}) |")
         lines.append(f"<!-- /sweep:{dataset} -->")
         block = "\n".join(lines)
         page = open(path).read() if os.path.exists(path) else "# Training quality per CPU minute\n"
@@ -185,6 +217,71 @@ def write_markdown(results: list, path: str, command: str, note: str) -> None:
         with open(tmp, "w") as fh:
             fh.write(page)
         os.replace(tmp, path)
+
+
+def refresh_floors(results: list, runs: str) -> None:
+    """Give results measured before the i.i.d. floor (no `fd_floor_subset`) the current floor and ratio; the
+    samples' distances themselves are unchanged."""
+    sys.path.insert(0, ROOT)
+    from unifuse.training.demo import heldout_floor
+
+    for r in results:
+        if "error" in r or "fd_floor_subset" in r:
+            continue
+        floor, sd, subset = heldout_floor(r["dataset"], r.get("n_fd", r["n"]))
+        r.update(fd_floor=floor, fd_floor_sd=sd, fd_floor_subset=subset, fd_ratio=r["fd_heldout"] / floor)
+        path = os.path.join(runs, f"{r['dataset']}-{r['family']}", "result.json")
+        if os.path.exists(path):
+            with open(path, "w") as fh:
+                json.dump(r, fh, indent=1)
+
+
+def floors(n: int = 1000, repeats: int = 100) -> None:
+    """Print the real-vs-real floors of n training images against the held-out split, drawn three ways: a subset
+    without replacement (class counts nearly fixed), class counts multinomial with each class's images drawn
+    without replacement, and i.i.d. with replacement (the floor the benchmark uses)."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from unifuse.data import load_dataset
+    from unifuse.metrics import frechet_distance
+    from unifuse.metrics.frechet import reference_features
+
+    for dataset in ("digits", "mnist"):
+        f_train, f_held = reference_features(dataset, "train"), reference_features(dataset, "heldout")
+        labels = torch.as_tensor(load_dataset(dataset, "train").labels)
+        pools = [torch.nonzero(labels == c).flatten() for c in range(int(labels.max()) + 1)]
+        g = torch.Generator().manual_seed(0)
+        for name in ("subset without replacement", "multinomial class counts", "i.i.d. with replacement"):
+            v = torch.tensor([frechet_distance(f_train[_real_draw(name, n, pools, g)], f_held) for _ in range(repeats)],
+                             dtype=torch.float64)
+            print(f"{dataset} ({len(f_train)} train, {len(f_held)} held-out), n = {n}, {name}: "
+                  f"FD {v.mean():.4f} +- {v.std():.4f} (sd of one draw, {repeats} draws)", flush=True)
+        # The same subset floor after random re-splits that are not stratified: the class proportions of the
+        # held-out images then move too.
+        f_all = torch.cat([f_train, f_held])
+        v = []
+        for _ in range(repeats // 2):
+            perm = torch.randperm(len(f_all), generator=g)
+            held, train = f_all[perm[:len(f_held)]], f_all[perm[len(f_held):]]
+            v.append(frechet_distance(train[torch.randperm(len(train), generator=g)[:n]], held))
+        v = torch.tensor(v, dtype=torch.float64)
+        print(f"{dataset}, random re-splits (not stratified), subset without replacement: FD {v.mean():.4f} +- "
+              f"{v.std():.4f} ({repeats // 2} re-splits)", flush=True)
+
+
+def _real_draw(how: str, n: int, pools: list, g):
+    """Indices of n training images drawn `how`; pools holds each class's indices."""
+    import torch
+
+    total = sum(len(q) for q in pools)
+    if how == "subset without replacement":
+        return torch.randperm(total, generator=g)[:n]
+    if how == "i.i.d. with replacement":
+        return torch.randint(total, (n,), generator=g)
+    p = torch.tensor([len(q) for q in pools], dtype=torch.float64)
+    counts = torch.bincount(torch.multinomial(p, n, replacement=True, generator=g), minlength=len(pools))
+    return torch.cat([q[torch.randperm(len(q), generator=g)[:k]] for q, k in zip(pools, counts.tolist())])
 
 
 def save_results(results: list, path: str) -> None:
@@ -217,10 +314,16 @@ def main(argv=None) -> int:
                    help="no training: sample and measure the trained runs under --runs again (current preset settings)")
     p.add_argument("--collect", action="store_true",
                    help="no training: rebuild the report from the runs' result.json files under --runs")
+    p.add_argument("--recognise", action="store_true",
+                   help="no training: add the recognised-digit counts of --n samples to runs measured without them")
+    p.add_argument("--floors", action="store_true", help="print the real-vs-real floors drawn three ways and stop")
     p.add_argument("--img", default=os.path.join(ROOT, "docs", "benchmarks", "img"), help=argparse.SUPPRESS)
     p.add_argument("--one", nargs=2, metavar=("FAMILY", "DATASET"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    if args.floors:
+        floors(args.n)
+        return 0
     if args.one:
         family, dataset = args.one
         minutes = args.minutes or (5.0 if dataset == "digits" else 20.0)
@@ -232,6 +335,18 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(r))
         return 0
 
+    if args.recognise:  # runs measured before `recognised` existed: classify n fresh samples (seed 0)
+        import torch
+
+        sys.path.insert(0, ROOT)
+        torch.set_num_threads(args.threads)
+        for dataset in args.datasets:
+            for family in args.families:
+                path = os.path.join(args.runs, f"{dataset}-{family}", "result.json")
+                if os.path.exists(path) and "recognised_hist" not in json.load(open(path)):
+                    r = recognise(os.path.dirname(path), dataset, family, args.n)
+                    print(f"   {dataset}-{family}: recognised {r['recognised']:.3f}, per class {r['recognised_hist']}", flush=True)
+        args.collect = True
     if args.remeasure:
         import torch
 
@@ -264,6 +379,7 @@ def main(argv=None) -> int:
                     results.append(known[(d, f)])
         if not results:
             raise SystemExit(f"no result.json under {args.runs} for {args.datasets} x {args.families}")
+        refresh_floors(results, args.runs)
         save_results(results, os.path.splitext(args.out)[0] + ".json")
         shown = list(argv if argv is not None else sys.argv[1:])
         if "--note" in shown:  # the note is printed below the command

@@ -125,5 +125,23 @@ def test_evaluate_images_separates_real_from_corrupted():
     ones[:, :, 2:6, 3:5] = 1.0                                                  # one repeated blob: mode collapse
     collapsed = evaluate_images(ones + 0.01 * torch.randn_like(ones), "digits")
     assert collapsed["class_kl"] > 1.0 and collapsed["recall"] < 0.1
+    # Recognised digits: nearly all real ones, in every class; the collapsed set gives at most one class.
+    assert real["recognised"] > 0.9 and min(real["recognised_hist"]) >= 20 and sum(real["recognised_hist"]) <= len(held)
+    assert sum(c > 0 for c in collapsed["recognised_hist"]) <= 1
     with pytest.raises(UnifuseError, match="real_floor n"):
         real_floor("digits", 10_000)
+
+
+def test_heldout_floor_is_the_distance_a_perfect_generator_reaches():
+    """The held-out floor is the distance of i.i.d. draws of real images, so an i.i.d. draw of training images (a
+    perfect generator of the training distribution) scores about 1, and it is well above the distance of subsets
+    drawn without replacement, whose class counts barely move (the held-out split is stratified)."""
+    from unifuse.training.demo import heldout_fd, heldout_floor
+
+    floor, sd, subset = heldout_floor("digits", 1000, seed=0, repeats=40)
+    assert subset < 0.85 * floor and 0 < sd < floor
+    train = load_dataset("digits", "train").images
+    g = torch.Generator().manual_seed(123)
+    ratios = [heldout_fd(train[torch.randint(len(train), (1000,), generator=g)], "digits", floor_repeats=40)["fd_ratio"]
+              for _ in range(8)]
+    assert 0.75 < sum(ratios) / len(ratios) < 1.25

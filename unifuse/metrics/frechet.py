@@ -98,10 +98,15 @@ def reference_features(dataset_name: str, split: str = "train", n: Optional[int]
     return feats
 
 
+RECOGNISED = 0.9  # classifier probability at which a sample counts as a recognisable digit
+
+
 def evaluate_images(samples, dataset_name: str, n_ref: Optional[int] = None, labels=None,
                     classifier: Optional[FeatureNet] = None, k: int = 3) -> dict:
     """fd, precision, recall (k-NN, k=3) against n_ref train images (all by default), the predicted-class
-    histogram and fractions, mean classifier confidence, and (given the requested labels) the label accuracy."""
+    histogram and fractions, mean classifier confidence, the samples the classifier recognises (probability >=
+    RECOGNISED for one class; `recognised_hist` counts them per class), and (given the requested labels) the
+    label accuracy."""
     if dataset_name not in CLASSIFIER_SETS:
         raise UnifuseError(f"image metrics exist for {', '.join(CLASSIFIER_SETS)}, not {dataset_name!r}")
     ref = load_dataset(dataset_name, "train")
@@ -123,6 +128,9 @@ def evaluate_images(samples, dataset_name: str, n_ref: Optional[int] = None, lab
                class_hist=hist.tolist(), class_fraction=frac.tolist(),
                class_kl=float((frac * (frac * ref.num_classes).clamp_min(1e-12).log()).sum()),  # KL(pred || uniform)
                confidence=float(probs.max(1).values.mean()), n=int(x.shape[0]), n_ref=int(ref_feats.shape[0]))
+    sure = probs.max(1).values >= RECOGNISED
+    out.update(recognised=float(sure.double().mean()),
+               recognised_hist=torch.bincount(pred[sure], minlength=ref.num_classes).tolist())
     if labels is not None:
         labels = torch.as_tensor(labels).long().reshape(-1)
         if labels.shape[0] != x.shape[0]:
