@@ -79,6 +79,7 @@ def measure(out: str, family: str, dataset: str, n: int, nfe: int, sampler: str 
 
     name = dataset if family == "default" else f"{dataset}-{family}"
     preset = get_config(name).sample
+    sampler = sampler or preset.sampler  # the current preset's sampler, also for runs trained with an older one
     model, cfg = load_model(out)
     info = read_meta(find_checkpoint(out))["data"]
     seeds = int(os.environ.get("UNIFUSE_BENCH_SEEDS", SEEDS.get(dataset, 3)))
@@ -98,7 +99,7 @@ def measure(out: str, family: str, dataset: str, n: int, nfe: int, sampler: str 
         from unifuse.metrics import evaluate_images
         ev = evaluate_images(x, info["name"])
         report.update(fd_train=ev["fd"], precision_knn=ev["precision"], recall_knn=ev["recall"], class_hist=ev["class_hist"],
-                      recognised=ev["recognised"], recognised_hist=ev["recognised_hist"])
+                      recognised=ev["recognised"], recognised_hist=ev["recognised_hist"], recognised_n=int(x.shape[0]))
     except Exception as err:  # metrics are a bonus here
         report["metrics_error"] = str(err)
     from unifuse.training.plots import save_grid
