@@ -52,7 +52,8 @@ def run_demo(out: str = "runs/demo", minutes: float = 7.0, preset: str = "digits
     draws = [heldout_fd(x, info["name"])] + [heldout_fd(generate(model, cfg, info, n_eval, seed=s)[0], info["name"])
                                              for s in range(1, fd_draws)]
     fds = [d["fd_heldout"] for d in draws]
-    report.update(draws[0], fd_heldout=sum(fds) / len(fds), fd_seeds=fds, fd_ratio=sum(fds) / len(fds) / draws[0]["fd_floor"])
+    fd = sum(fds) / len(fds)
+    report.update(draws[0], fd_heldout=fd, fd_seeds=fds, fd_ratio=fd / draws[0]["fd_floor"])
     report.update({k: v for k, v in metrics.evaluate_images(x, info["name"]).items() if _scalar(v)})
     report["total_seconds"] = round(time.time() - start, 1)
     metrics_path = os.path.join(out, "metrics.json")
