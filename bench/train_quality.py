@@ -71,21 +71,12 @@ def measure(out: str, family: str, dataset: str, n: int, nfe: int, sampler: str 
     `sampler` is given) and measure them against the held-out split; write the grid beside the results page."""
     import torch
 
-    from unifuse.config import get_config
-    from unifuse.training import load_model
-    from unifuse.training.checkpoint import find_checkpoint, read_meta
     from unifuse.training.demo import heldout_fd
-    from unifuse.training.sampling import generate
 
     name = dataset if family == "default" else f"{dataset}-{family}"
-    preset = get_config(name).sample
-    sampler = sampler or preset.sampler  # the current preset's sampler, also for runs trained with an older one
-    model, cfg = load_model(out)
-    info = read_meta(find_checkpoint(out))["data"]
     seeds = int(os.environ.get("UNIFUSE_BENCH_SEEDS", SEEDS.get(dataset, 3)))
     t0 = time.time()
-    draws = [generate(model, cfg, info, n, seed=s, sampler=sampler, nfe=nfe, clip_denoised=preset.clip_denoised,
-                      threshold_percentile=preset.threshold_percentile)[0] for s in range(seeds)]
+    draws, info, sampler, clip = sample_run(out, name, n, range(seeds), sampler, nfe)
     sample_s = (time.time() - t0) / seeds
     reports = [heldout_fd(x, info["name"]) for x in draws]
     x = draws[0]
@@ -94,7 +85,7 @@ def measure(out: str, family: str, dataset: str, n: int, nfe: int, sampler: str 
                   fd_sd=float(torch.tensor(fds, dtype=torch.float64).std()))
     report["fd_ratio"] = report["fd_heldout"] / report["fd_floor"]
     report.update(family=family, dataset=dataset, preset=name, sample_s=round(sample_s, 1),
-                  sampler=sampler or cfg.sample.sampler, nfe=nfe, n=n, clip_denoised=preset.clip_denoised)
+                  sampler=sampler, nfe=nfe, n=n, clip_denoised=clip)
     try:
         from unifuse.metrics import evaluate_images
         ev = evaluate_images(x, info["name"])
@@ -133,22 +124,31 @@ def remeasure(run: str, family: str, dataset: str, n: int, nfe: int, sampler: st
     return merged
 
 
-def recognise(run: str, dataset: str, family: str, n: int) -> dict:
-    """Add the classifier's recognised fraction and per-class counts of n samples (seed 0, the preset's sampler)
-    to a run's result.json."""
+def sample_run(run: str, preset_name: str, n: int, seeds, sampler: str | None, nfe: int):
+    """(n samples per seed, the run's data info, the sampler, the x0 clip) from a trained run, with the current
+    preset's sampler and clipping unless `sampler` is given (runs trained with an older preset included)."""
     from unifuse.config import get_config
-    from unifuse.metrics import evaluate_images
     from unifuse.training import load_model
     from unifuse.training.checkpoint import find_checkpoint, read_meta
     from unifuse.training.sampling import generate
 
-    path = os.path.join(run, "result.json")
-    r = json.load(open(path))
-    preset = get_config(r["preset"]).sample
+    preset = get_config(preset_name).sample
+    sampler = sampler or preset.sampler
     model, cfg = load_model(run)
     info = read_meta(find_checkpoint(run))["data"]
-    x = generate(model, cfg, info, n, seed=0, sampler=r["sampler"], nfe=r["nfe"], clip_denoised=preset.clip_denoised,
-                 threshold_percentile=preset.threshold_percentile)[0]
+    draws = [generate(model, cfg, info, n, seed=s, sampler=sampler, nfe=nfe, clip_denoised=preset.clip_denoised,
+                      threshold_percentile=preset.threshold_percentile)[0] for s in seeds]
+    return draws, info, sampler, preset.clip_denoised
+
+
+def recognise(run: str, n: int) -> dict:
+    """Add the classifier's recognised fraction and per-class counts of n samples (seed 0, the run's measured
+    sampler) to a run's result.json."""
+    from unifuse.metrics import evaluate_images
+
+    path = os.path.join(run, "result.json")
+    r = json.load(open(path))
+    (x,), info, _, _ = sample_run(run, r["preset"], n, [0], r["sampler"], r["nfe"])
     ev = evaluate_images(x, info["name"])
     r.update(recognised=ev["recognised"], recognised_hist=ev["recognised_hist"], recognised_n=n)
     with open(path, "w") as fh:
@@ -218,23 +218,6 @@ def write_markdown(results: list, path: str, command: str, note: str) -> None:
         with open(tmp, "w") as fh:
             fh.write(page)
         os.replace(tmp, path)
-
-
-def refresh_floors(results: list, runs: str) -> None:
-    """Give results measured before the i.i.d. floor (no `fd_floor_subset`) the current floor and ratio; the
-    samples' distances themselves are unchanged."""
-    sys.path.insert(0, ROOT)
-    from unifuse.training.demo import heldout_floor
-
-    for r in results:
-        if "error" in r or "fd_floor_subset" in r:
-            continue
-        floor, sd, subset = heldout_floor(r["dataset"], r.get("n_fd", r["n"]))
-        r.update(fd_floor=floor, fd_floor_sd=sd, fd_floor_subset=subset, fd_ratio=r["fd_heldout"] / floor)
-        path = os.path.join(runs, f"{r['dataset']}-{r['family']}", "result.json")
-        if os.path.exists(path):
-            with open(path, "w") as fh:
-                json.dump(r, fh, indent=1)
 
 
 def floors(n: int = 1000, repeats: int = 100) -> None:
@@ -345,7 +328,7 @@ def main(argv=None) -> int:
             for family in args.families:
                 path = os.path.join(args.runs, f"{dataset}-{family}", "result.json")
                 if os.path.exists(path) and "recognised_hist" not in json.load(open(path)):
-                    r = recognise(os.path.dirname(path), dataset, family, args.n)
+                    r = recognise(os.path.dirname(path), args.n)
                     print(f"   {dataset}-{family}: recognised {r['recognised']:.3f}, per class {r['recognised_hist']}", flush=True)
         args.collect = True
     if args.remeasure:
@@ -380,7 +363,6 @@ def main(argv=None) -> int:
                     results.append(known[(d, f)])
         if not results:
             raise SystemExit(f"no result.json under {args.runs} for {args.datasets} x {args.families}")
-        refresh_floors(results, args.runs)
         save_results(results, os.path.splitext(args.out)[0] + ".json")
         shown = list(argv if argv is not None else sys.argv[1:])
         if "--note" in shown:  # the note is printed below the command

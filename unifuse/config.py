@@ -133,7 +133,7 @@ FAMILY_PARTS = {
 # (docs/benchmarks/training.md): on 8x8 digits an MLP on the flattened image learns far more per CPU-second than
 # the U-Net, bf16 autocast is ~1.7x faster at equal quality, and an inverse-square-root learning-rate decay
 # after 150 steps with a 50k-image EMA halves the Frechet distance of a constant rate. The digits MLP runs
-# 1.5x faster on one thread than on two (its matrices are too small to split). At batch 512 it draws 1.6x more
+# 1.5x faster on one thread than on two (its matrices are too small to split). At batch 512 it sees 1.5x more
 # images per CPU-second than at 128; with Adam's beta2 = 0.99 (EDM2) and EDM noise levels centred higher (log sigma
 # ~ N(-0.4, 1.0), EDM2's default for its latent ImageNet-512 models; `edm_noise`), the Frechet distance after
 # 2.5 minutes fell from 1.33x the floor to 1.01x (batch 512, beta2 0.99) and 0.89x (batch 512, those noise levels).

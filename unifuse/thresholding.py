@@ -19,7 +19,7 @@ import torch
 
 from .errors import UnifuseError
 from .model import DiffusionModel, Evaluation, WrappedModel, batch_times
-from .parameterization.convert import coefficients, compute_dtype, to_pair
+from .parameterization.convert import compute_dtype, to_pair
 
 
 class Thresholded(WrappedModel):
@@ -49,7 +49,7 @@ class Thresholded(WrappedModel):
         t = batch_times(t, x)
         e = self.inner.evaluate(x, t, **cond)
         x0 = self.clip(e.x0)
-        c = coefficients(self.path, t, x)
+        c = self.coefficients(t, x)
         # eps from the clipped x0 where sigma > 0; at sigma = 0 (the data end) eps is not defined: keep the model's
         eps = torch.where(c.sigma > 0, to_pair("x0", x0, x.to(compute_dtype(x)), c, check=False)[1], e.eps)
         return Evaluation(x0, eps, e.var_frac)

@@ -49,8 +49,7 @@ def learning_rate(cfg, step: int, progress: float | None = None) -> float:
 
 
 def adamw(params, optim) -> torch.optim.AdamW:
-    """AdamW, fused into one kernel where this PyTorch has it for the device (CPU since 2.4): on the digits MLP the
-    per-parameter update loop was a fifth of a training step."""
+    """AdamW, fused into one kernel where this PyTorch has it for the device (CPU since 2.4), else the default."""
     params = list(params)
     kw = dict(lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
     try:

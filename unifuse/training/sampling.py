@@ -81,15 +81,15 @@ def generate(model, cfg, info: dict, n: int, *, seed: int = 0, device="cpu", bat
     if guidance is not None and cond is None:
         raise UnifuseError("--guidance needs a conditional model and a condition (--class or --prompt, or a "
                            "class-conditional run)")
+    if guidance is not None:  # wrapped once for every batch, and before the threshold (which clips the guided x0)
+        from ..guidance import classifier_free
+
+        model = classifier_free(model, float(guidance), **(guidance_options or {}))
     clip = float(cfg.sample.clip_denoised if clip_denoised is None else clip_denoised)
     percentile = float(cfg.sample.threshold_percentile if threshold_percentile is None else threshold_percentile)
-    if clip > 0:  # guidance first, then the threshold (clipping before guidance changes what is guided)
+    if clip > 0:
         from ..thresholding import threshold
 
-        if guidance is not None:
-            from ..guidance import classifier_free
-
-            model, guidance = classifier_free(model, float(guidance), **(guidance_options or {})), None
         model = threshold(model, clip, percentile if percentile > 0 else None)
     model = model.to(device) if isinstance(model, torch.nn.Module) else model
     shape = tuple(info["shape"])
@@ -99,8 +99,7 @@ def generate(model, cfg, info: dict, n: int, *, seed: int = 0, device="cpu", bat
             m = min(batch, n - lo)
             g = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
             noise = torch.randn((m,) + shape, generator=g, device=device)
-            kw = {"generator": g, "guidance": None if guidance is None else float(guidance),
-                  "guidance_options": guidance_options}
+            kw = {"generator": g}
             if spacing:
                 kw["spacing"] = spacing
             if cond is not None:
