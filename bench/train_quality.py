@@ -161,12 +161,11 @@ def measure_rate(cfg, steps: int = 4) -> float:
     import torch
 
     from unifuse.training.build import build_data, build_model, build_net, build_objective, data_info
-    from unifuse.training.loop import adamw
 
     data = build_data(cfg)
     net = build_net(cfg, data_info(data))
     model, objective = build_model(cfg, net), build_objective(cfg, data)
-    opt = adamw(net.parameters(), cfg.optim)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas)
     g = torch.Generator().manual_seed(0)
     x = data.images[: cfg.data.batch]
     cond = {"class_labels": data.labels[: cfg.data.batch]} if cfg.data.cond == "class" else {}

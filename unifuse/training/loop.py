@@ -48,16 +48,6 @@ def learning_rate(cfg, step: int, progress: float | None = None) -> float:
     return lr
 
 
-def adamw(params, optim) -> torch.optim.AdamW:
-    """AdamW, fused into one kernel where this PyTorch has it for the device (CPU since 2.4), else the default."""
-    params = list(params)
-    kw = dict(lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
-    try:
-        return torch.optim.AdamW(params, fused=True, **kw)
-    except (RuntimeError, TypeError, ValueError):  # older PyTorch or a device without the fused kernel
-        return torch.optim.AdamW(params, **kw)
-
-
 def _rng_state(gen: torch.Generator, data_gen: torch.Generator, device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state(), "gen": gen.get_state(), "data": data_gen.get_state()}
     if device.type == "cuda":
@@ -90,7 +80,7 @@ def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, lo
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     net = build_net(cfg, info).to(dev)
     objective = build_objective(cfg, data)
-    opt = adamw(net.parameters(), cfg.optim)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
     ema = EMA(net, cfg.optim.ema_halflife, cfg.optim.ema_rampup)
     phema = PowerEMA(net) if cfg.optim.posthoc_ema else None
     batches = Batches(data, per_rank, env.rank, env.world, cfg.train.seed)
