@@ -1,4 +1,4 @@
-# make test: the test suite; make demo: train, sample and evaluate the digits model under runs/demo/.
+# make test: the linter and the test suite; make lint: the linter alone; make demo: train, sample and evaluate the digits model under runs/demo/.
 # Both set themselves up: a .venv (seeing a torch you installed yourself, e.g. a CUDA build),
 # and the CPU build of torch when no torch and no GPU are present.
 PYTHON ?= python3
@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: test demo bench clean
+.PHONY: test lint demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -26,7 +26,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
 
 demo: $(STAMP)
 	$(BIN)/python -m unifuse.cli demo --out runs/demo

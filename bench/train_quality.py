@@ -21,6 +21,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 FAMILIES = ("ddpm", "iddpm", "vpsde", "vesde", "edm", "rf", "trigflow", "ct")
 # Sample seeds per run: the FD of 1,000 samples varies by ~25% between seeds (mostly the multinomial class counts),
 # so digits (2 s per draw) averages 10 and MNIST-5k (minutes per draw) 3. UNIFUSE_BENCH_SEEDS overrides both.
@@ -34,7 +35,6 @@ def run_one(family: str, dataset: str, minutes: float, threads: int, n: int, nfe
     import torch
 
     torch.set_num_threads(threads)
-    sys.path.insert(0, ROOT)
     from unifuse.config import CT_STAGE_FRACTION, apply_overrides, get_config
     from unifuse.training import train
 
@@ -89,8 +89,9 @@ def measure(out: str, family: str, dataset: str, n: int, nfe: int, sampler: str 
     try:
         from unifuse.metrics import evaluate_images
         ev = evaluate_images(x, info["name"])
-        report.update(fd_train=ev["fd"], precision_knn=ev["precision"], recall_knn=ev["recall"], class_hist=ev["class_hist"],
-                      recognised=ev["recognised"], recognised_hist=ev["recognised_hist"], recognised_n=int(x.shape[0]))
+        report.update(fd_train=ev["fd"], precision_knn=ev["precision"], recall_knn=ev["recall"],
+                      class_hist=ev["class_hist"], recognised=ev["recognised"], recognised_hist=ev["recognised_hist"],
+                      recognised_n=int(x.shape[0]))
     except Exception as err:  # metrics are a bonus here
         report["metrics_error"] = str(err)
     from unifuse.training.plots import save_grid
@@ -108,19 +109,21 @@ def remeasure(run: str, family: str, dataset: str, n: int, nfe: int, sampler: st
     figures from result.json, from `known` (the results JSON) or, failing both, from its metrics.jsonl."""
     import yaml
 
+    from unifuse.io import write_json
+
     path = os.path.join(run, "result.json")
-    old = json.load(open(path)) if os.path.exists(path) else dict(known)
+    old = _load(path) if os.path.exists(path) else dict(known)
     if "steps" not in old:  # only the run folder: its log and config
-        lines = [json.loads(ln) for ln in open(os.path.join(run, "metrics.jsonl"))]
+        lines = [json.loads(ln) for ln in _read(os.path.join(run, "metrics.jsonl")).splitlines()]
         end = [ln for ln in lines if ln.get("event") == "end"][-1]
-        cfg = yaml.safe_load(open(os.path.join(run, "config.yaml")))
-        old.update(steps=end["step"], train_s=round(end["seconds"], 1), train_cpu_s=round(cfg["train"]["minutes"] * 60, 1),
-                   threads=cfg["train"]["threads"], precision=cfg["train"]["precision"],
+        cfg = yaml.safe_load(_read(os.path.join(run, "config.yaml")))
+        old.update(steps=end["step"], train_s=round(end["seconds"], 1),
+                   train_cpu_s=round(cfg["train"]["minutes"] * 60, 1), threads=cfg["train"]["threads"],
+                   precision=cfg["train"]["precision"],
                    loss=[ln["loss"] for ln in lines if "loss" in ln][-1], peak_rss_mb=known.get("peak_rss_mb", 0.0))
     new = measure(run, family, dataset, n, nfe, sampler, img_dir)
     merged = dict(old, **new)
-    with open(path, "w") as fh:
-        json.dump(merged, fh, indent=1)
+    write_json(path, merged)
     return merged
 
 
@@ -136,23 +139,24 @@ def sample_run(run: str, preset_name: str, n: int, seeds, sampler: str | None, n
     sampler = sampler or preset.sampler
     model, cfg = load_model(run)
     info = read_meta(find_checkpoint(run))["data"]
-    draws = [generate(model, cfg, info, n, seed=s, sampler=sampler, nfe=nfe, clip_denoised=preset.clip_denoised,
-                      threshold_percentile=preset.threshold_percentile)[0] for s in seeds]
+    draws = [generate(model, cfg.sample, info, n, conditioning=cfg.data.cond, seed=s, sampler=sampler, nfe=nfe,
+                      clip_denoised=preset.clip_denoised, threshold_percentile=preset.threshold_percentile)[0]
+             for s in seeds]
     return draws, info, sampler, preset.clip_denoised
 
 
 def recognise(run: str, n: int) -> dict:
     """Add the classifier's recognised fraction and per-class counts of n samples (seed 0, the run's measured
     sampler) to a run's result.json."""
+    from unifuse.io import write_json
     from unifuse.metrics import evaluate_images
 
     path = os.path.join(run, "result.json")
-    r = json.load(open(path))
+    r = _load(path)
     (x,), info, _, _ = sample_run(run, r["preset"], n, [0], r["sampler"], r["nfe"])
     ev = evaluate_images(x, info["name"])
     r.update(recognised=ev["recognised"], recognised_hist=ev["recognised_hist"], recognised_n=n)
-    with open(path, "w") as fh:
-        json.dump(r, fh, indent=1)
+    write_json(path, r)
     return r
 
 
@@ -186,37 +190,39 @@ def write_markdown(results: list, path: str, command: str, note: str) -> None:
     (so the digits and MNIST sweeps, run at different times, share one page)."""
     import datetime
 
+    from unifuse.io import write_text
+
     for dataset in sorted({r["dataset"] for r in results}):
         rows = [r for r in results if r["dataset"] == dataset]
         lines = [f"<!-- sweep:{dataset} -->", f"Command: `{command}` (run {datetime.date.today()})", ""]
         if note:
             lines += [note, ""]
-        lines += ["| family | steps | CPU s | wall s | sampler | NFE | n x seeds | FD held-out | floor (i.i.d.) | ratio | "
+        lines += ["| family | steps | CPU s | wall s | sampler | NFE | n x seeds | FD held-out | floor (i.i.d.) | "
+                  "ratio | "
                   "ratio to the subset floor | recognised (fewest in a class) | peak RSS MB | grid |",
                   "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             if "error" in r:
                 lines.append(f"| {r['family']} | | | | | | | error: {r['error']} | | | | | | |")
                 continue
-            recognised = (f"{100 * r['recognised']:.0f}% of {r.get('recognised_n', r['n'])} ({min(r['recognised_hist'])})"
+            recognised = (f"{100 * r['recognised']:.0f}% of {r.get('recognised_n', r['n'])} "
+                          f"({min(r['recognised_hist'])})"
                           if "recognised_hist" in r else "")
-            lines.append(f"| {r['family']} | {r['steps']} | {r['train_cpu_s']} | {r['train_s']} | {r['sampler']}{' + clip' if r.get('clip_denoised') else ''} | "
+            clip = " + clip" if r.get("clip_denoised") else ""
+            lines.append(f"| {r['family']} | {r['steps']} | {r['train_cpu_s']} | {r['train_s']} | {r['sampler']}{clip} "
+                         "| "
                          f"{r['nfe']} | {r['n']} x {len(r['fd_seeds'])} | {r['fd_heldout']:.3f} +- {r['fd_sd']:.3f} | "
                          f"{r['fd_floor']:.3f} | {r['fd_ratio']:.2f} | {r['fd_heldout'] / r['fd_floor_subset']:.2f} | "
                          f"{recognised} | {r['peak_rss_mb']} | [grid]({r['grid']}) |")
         lines.append(f"<!-- /sweep:{dataset} -->")
         block = "\n".join(lines)
-        page = open(path).read() if os.path.exists(path) else "# Training quality per CPU minute\n"
+        page = _read(path) if os.path.exists(path) else "# Training quality per CPU minute\n"
         start, end = f"<!-- sweep:{dataset} -->", f"<!-- /sweep:{dataset} -->"
         if start in page and end in page:
             page = page[:page.index(start)] + block + page[page.index(end) + len(end):]
         else:
             page = page.rstrip("\n") + "\n\n" + block + "\n"
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            fh.write(page)
-        os.replace(tmp, path)
+        write_text(path, page)
 
 
 def floors(n: int = 1000, repeats: int = 100) -> None:
@@ -225,7 +231,6 @@ def floors(n: int = 1000, repeats: int = 100) -> None:
     without replacement, and i.i.d. with replacement (the floor the benchmark uses)."""
     import torch
 
-    sys.path.insert(0, ROOT)
     from unifuse.data import load_dataset
     from unifuse.metrics import frechet_distance
     from unifuse.metrics.frechet import reference_features
@@ -270,24 +275,25 @@ def _real_draw(how: str, n: int, pools: list, g):
 def save_results(results: list, path: str) -> None:
     """Write `results` into the JSON file at `path`, replacing earlier entries of the same data set and family
     and keeping the others (each sweep fills in its own rows)."""
-    kept = json.load(open(path)) if os.path.exists(path) else []
+    from unifuse.io import write_json
+
+    kept = _load(path) if os.path.exists(path) else []
     new = {(r["dataset"], r["family"]) for r in results}
     merged = [r for r in kept if (r.get("dataset"), r.get("family")) not in new] + results
-    with open(path + ".tmp", "w") as fh:
-        json.dump(merged, fh, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, merged)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=["digits"], choices=["digits", "mnist"])
-    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES) + ["default"])
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=[*FAMILIES, "default"])
     p.add_argument("--minutes", type=float, help="training minutes per run (default: 5 digits, 20 mnist)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
     p.add_argument("--n", type=int, default=1000, help="samples per run")
     p.add_argument("--nfe", type=int, default=20)
-    p.add_argument("--sampler", help="sampler for every family (default: each preset's; ct uses consistency at its NFE)")
+    p.add_argument("--sampler", help="sampler for every family (default: each preset's; ct uses consistency at its "
+                                     "NFE)")
     p.add_argument("--precision", choices=["fp32", "bf16"])
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "bench-train"))
@@ -302,117 +308,159 @@ def main(argv=None) -> int:
     p.add_argument("--floors", action="store_true", help="print the real-vs-real floors drawn three ways and stop")
     p.add_argument("--img", default=os.path.join(ROOT, "docs", "benchmarks", "img"), help=argparse.SUPPRESS)
     p.add_argument("--one", nargs=2, metavar=("FAMILY", "DATASET"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
 
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     if args.floors:
         floors(args.n)
         return 0
     if args.one:
-        family, dataset = args.one
-        minutes = args.minutes or (5.0 if dataset == "digits" else 20.0)
-        nfe = args.nfe if family != "ct" else 2
-        r = run_one(family, dataset, minutes, args.threads, args.n, nfe, args.sampler if family != "ct" else None,
-                    args.overrides, os.path.join(args.runs, f"{dataset}-{family}"), args.precision, args.img)
-        with open(os.path.join(args.runs, f"{dataset}-{family}", "result.json"), "w") as fh:
-            json.dump(r, fh, indent=1)  # kept with the run, so a report can be rebuilt (--collect)
-        print("RESULT " + json.dumps(r))
+        one(args)
         return 0
-
-    if args.recognise:  # runs measured before `recognised` existed: classify n fresh samples (seed 0)
-        import torch
-
-        sys.path.insert(0, ROOT)
-        torch.set_num_threads(args.threads)
-        for dataset in args.datasets:
-            for family in args.families:
-                path = os.path.join(args.runs, f"{dataset}-{family}", "result.json")
-                if os.path.exists(path) and "recognised_hist" not in json.load(open(path)):
-                    r = recognise(os.path.dirname(path), args.n)
-                    print(f"   {dataset}-{family}: recognised {r['recognised']:.3f}, per class {r['recognised_hist']}", flush=True)
-        args.collect = True
+    if args.recognise:
+        recognise_all(args)
     if args.remeasure:
-        import torch
-
-        sys.path.insert(0, ROOT)
-        known_path = os.path.splitext(args.out)[0] + ".json"
-        known = {(r.get("dataset"), r.get("family")): r for r in (json.load(open(known_path)) if os.path.exists(known_path) else [])}
-        for dataset in args.datasets:
-            for family in args.families:
-                run = os.path.join(args.runs, f"{dataset}-{family}")
-                if not os.path.isdir(os.path.join(run, "ckpt")):
-                    print(f"   {dataset}-{family}: no trained run under {run}", flush=True)
-                    continue
-                nfe = args.nfe if family != "ct" else 2
-                torch.set_num_threads(args.threads)
-                r = remeasure(run, family, dataset, args.n, nfe, args.sampler if family != "ct" else None, args.img,
-                              known.get((dataset, family), {}))
-                print(f"   {dataset}-{family}: FD {r['fd_heldout']:.3f}, ratio {r['fd_ratio']:.2f} "
-                      f"(clip_denoised {r['clip_denoised']})", flush=True)
-        args.collect = True
-    if args.collect:  # every family of the data sets: a run's result.json, else its row in the results JSON
-        known_path = os.path.splitext(args.out)[0] + ".json"
-        known = {(r.get("dataset"), r.get("family")): r for r in (json.load(open(known_path)) if os.path.exists(known_path) else [])}
-        results = []
-        for d in args.datasets:
-            for f in FAMILIES:
-                found = os.path.join(args.runs, f"{d}-{f}", "result.json")
-                if os.path.exists(found):
-                    results.append(json.load(open(found)))
-                elif (d, f) in known:
-                    results.append(known[(d, f)])
-        if not results:
-            raise SystemExit(f"no result.json under {args.runs} for {args.datasets} x {args.families}")
-        save_results(results, os.path.splitext(args.out)[0] + ".json")
-        shown = list(argv if argv is not None else sys.argv[1:])
-        if "--note" in shown:  # the note is printed below the command
-            del shown[shown.index("--note"):shown.index("--note") + 2]
-        write_markdown(results, args.out, "python bench/train_quality.py " + " ".join(shown), args.note)
-        print(f"wrote {args.out} ({len(results)} runs)")
+        remeasure_all(args)
+    if args.recognise or args.remeasure or args.collect:
+        collect(args, argv)
         return 0
+    results = sweep(args)
+    save_results(results, os.path.splitext(args.out)[0] + ".json")
+    command = "python bench/train_quality.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+    write_markdown(results, args.out, command.strip(), args.note)
+    print(f"wrote {args.out}")
+    return 0
 
-    jobs = []
+
+def one(args) -> None:
+    """--one FAMILY DATASET: train and measure one run (in its own process), print its result."""
+    from unifuse.io import write_json
+
+    family, dataset = args.one
+    minutes = args.minutes or (5.0 if dataset == "digits" else 20.0)
+    nfe = args.nfe if family != "ct" else 2
+    r = run_one(family, dataset, minutes, args.threads, args.n, nfe, args.sampler if family != "ct" else None,
+                args.overrides, os.path.join(args.runs, f"{dataset}-{family}"), args.precision, args.img)
+    # kept with the run, so a report can be rebuilt (--collect)
+    write_json(os.path.join(args.runs, f"{dataset}-{family}", "result.json"), r)
+    print("RESULT " + json.dumps(r))
+
+
+def recognise_all(args) -> None:
+    """Runs measured before `recognised` existed: classify n fresh samples (seed 0)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
     for dataset in args.datasets:
         for family in args.families:
-            cmd = [sys.executable, os.path.abspath(__file__), "--one", family, dataset, "--threads", str(args.threads),
-                   "--n", str(args.n), "--nfe", str(args.nfe), "--runs", args.runs,
-                   "--img", os.path.join(os.path.dirname(os.path.abspath(args.out)), "img")]
-            for flag, value in (("--minutes", args.minutes), ("--sampler", args.sampler), ("--precision", args.precision)):
-                if value is not None:
-                    cmd += [flag, str(value)]
-            for o in args.overrides:
-                cmd += ["--set", o]
-            jobs.append((dataset, family, cmd))
-    # Up to --jobs runs at once (each on its own --threads; the budget is CPU time, so runs sharing the
-    # machine still get the same amount of computation).
+            path = os.path.join(args.runs, f"{dataset}-{family}", "result.json")
+            if os.path.exists(path) and "recognised_hist" not in _load(path):
+                r = recognise(os.path.dirname(path), args.n)
+                print(f"   {dataset}-{family}: recognised {r['recognised']:.3f}, per class {r['recognised_hist']}",
+                      flush=True)
+
+
+def remeasure_all(args) -> None:
+    """Sample and measure every trained run under --runs again."""
+    import torch
+
+    known = _known(args.out)
+    for dataset in args.datasets:
+        for family in args.families:
+            run = os.path.join(args.runs, f"{dataset}-{family}")
+            if not os.path.isdir(os.path.join(run, "ckpt")):
+                print(f"   {dataset}-{family}: no trained run under {run}", flush=True)
+                continue
+            nfe = args.nfe if family != "ct" else 2
+            torch.set_num_threads(args.threads)
+            r = remeasure(run, family, dataset, args.n, nfe, args.sampler if family != "ct" else None, args.img,
+                          known.get((dataset, family), {}))
+            print(f"   {dataset}-{family}: FD {r['fd_heldout']:.3f}, ratio {r['fd_ratio']:.2f} "
+                  f"(clip_denoised {r['clip_denoised']})", flush=True)
+
+
+def collect(args, argv) -> None:
+    """Every family of the data sets: a run's result.json, else its row in the results JSON; write the report."""
+    known = _known(args.out)
+    results = []
+    for d in args.datasets:
+        for f in FAMILIES:
+            found = os.path.join(args.runs, f"{d}-{f}", "result.json")
+            if os.path.exists(found):
+                results.append(_load(found))
+            elif (d, f) in known:
+                results.append(known[(d, f)])
+    if not results:
+        raise SystemExit(f"no result.json under {args.runs} for {args.datasets} x {args.families}")
+    save_results(results, os.path.splitext(args.out)[0] + ".json")
+    shown = list(argv if argv is not None else sys.argv[1:])
+    if "--note" in shown:  # the note is printed below the command
+        del shown[shown.index("--note"):shown.index("--note") + 2]
+    write_markdown(results, args.out, "python bench/train_quality.py " + " ".join(shown), args.note)
+    print(f"wrote {args.out} ({len(results)} runs)")
+
+
+def _read(path: str) -> str:
+    with open(path) as fh:
+        return fh.read()
+
+
+def _load(path: str):
+    return json.loads(_read(path))
+
+
+def _known(out: str) -> dict:
+    """The results JSON beside the report, by (data set, family)."""
+    path = os.path.splitext(out)[0] + ".json"
+    return {(r.get("dataset"), r.get("family")): r for r in (_load(path) if os.path.exists(path) else [])}
+
+
+def sweep(args) -> list:
+    """Every (data set, family) run in its own process, up to --jobs at once (each on its own --threads; the
+    budget is CPU time, so runs sharing the machine still get the same amount of computation)."""
+    jobs = [(dataset, family, _one_command(args, dataset, family))
+            for dataset in args.datasets for family in args.families]
     results, running = {}, []
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     while jobs or running:
         while jobs and len(running) < args.jobs:
             dataset, family, cmd = jobs.pop(0)
             print(f"== {dataset}-{family}", flush=True)
-            running.append((dataset, family, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)))
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            running.append((dataset, family, proc))
         time.sleep(1)
         for item in [r for r in running if r[2].poll() is not None]:
             running.remove(item)
             dataset, family, proc = item
-            out, err = proc.communicate()
-            line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                msg = (err.strip().splitlines() or ["unknown error"])[-1]
-                results[(dataset, family)] = {"dataset": dataset, "family": family, "error": msg}
-                print(f"   {dataset}-{family} error: {msg}", flush=True)
-                continue
-            r = json.loads(line[-1][7:])
-            results[(dataset, family)] = r
-            print(f"   {dataset}-{family}: steps {r['steps']}, FD {r['fd_heldout']:.3f}, floor {r['fd_floor']:.3f}, "
-                  f"ratio {r['fd_ratio']:.2f}, peak {r['peak_rss_mb']} MB", flush=True)
-    order = [(d, f) for d in args.datasets for f in args.families]
-    results = [results[k] for k in order if k in results]
-    save_results(results, os.path.splitext(args.out)[0] + ".json")
-    command = "python bench/train_quality.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
-    write_markdown(results, args.out, command.strip(), args.note)
-    print(f"wrote {args.out}")
-    return 0
+            results[(dataset, family)] = _result(dataset, family, *proc.communicate(), proc.returncode)
+    return [results[(d, f)] for d in args.datasets for f in args.families if (d, f) in results]
+
+
+def _one_command(args, dataset: str, family: str) -> list:
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", family, dataset, "--threads", str(args.threads),
+           "--n", str(args.n), "--nfe", str(args.nfe), "--runs", args.runs,
+           "--img", os.path.join(os.path.dirname(os.path.abspath(args.out)), "img")]
+    for flag, value in (("--minutes", args.minutes), ("--sampler", args.sampler), ("--precision", args.precision)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    for o in args.overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
+def _result(dataset: str, family: str, out: str, err: str, returncode: int) -> dict:
+    """A finished run's RESULT line, or its error."""
+    line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    if returncode != 0 or not line:
+        msg = (err.strip().splitlines() or ["unknown error"])[-1]
+        print(f"   {dataset}-{family} error: {msg}", flush=True)
+        return {"dataset": dataset, "family": family, "error": msg}
+    r = json.loads(line[-1][7:])
+    print(f"   {dataset}-{family}: steps {r['steps']}, FD {r['fd_heldout']:.3f}, floor {r['fd_floor']:.3f}, "
+          f"ratio {r['fd_ratio']:.2f}, peak {r['peak_rss_mb']} MB", flush=True)
+    return r
 
 
 if __name__ == "__main__":

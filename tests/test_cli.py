@@ -47,7 +47,8 @@ def test_later_commands_say_not_yet_available(command, capsys):
     (["train", "digits", "--out", "RUN", "--set", "optim.lr=fast"], "needs a number"),
     (["train", "digits", "--out", "RUN", "--set", "nonsense"], "key.sub=value"),
     (["train", "digits"], "--out"),
-    (["train", "digits-classifier", "--out", "RUN", "--set", "optim.lr=1"], "takes --out, --steps, --minutes and --seed only"),
+    (["train", "digits-classifier", "--out", "RUN", "--set", "optim.lr=1"], "takes --out, --steps, --minutes and "
+                                                                            "--seed only"),
     (["sample", "--ckpt", "NOPE", "--out", "OUT"], "no run or checkpoint"),
     (["eval", "--ckpt", "NOPE"], "no run or checkpoint"),
 ])
@@ -66,8 +67,8 @@ def test_argparse_errors_are_one_line(capsys):
 
 def test_console_errors_have_no_traceback(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_WAIT_POLICY="PASSIVE")
-    proc = subprocess.run([sys.executable, "-m", "unifuse.cli", "sample", "--ckpt", str(tmp_path), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, env=env, timeout=120)
+    cmd = [sys.executable, "-m", "unifuse.cli", "sample", "--ckpt", str(tmp_path), "--out", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1 and one_error_line(proc.stderr) and "no checkpoint found" in proc.stderr
 
 
@@ -84,7 +85,8 @@ def test_train_sample_eval_resume_round_trip(tmp_path, capsys):
     assert code == 1 and one_error_line(err) and "is a run of 'digits'" in err
     # sample: npz of uint8 images at the data's own resolution, and a grid
     out_dir = str(tmp_path / "samples")
-    code, _, err = run(["sample", "--ckpt", run_dir, "--out", out_dir, "--n", "6", "--nfe", "2", "--sampler", "euler"], capsys)
+    code, _, err = run(["sample", "--ckpt", run_dir, "--out", out_dir, "--n", "6", "--nfe", "2", "--sampler", "euler"],
+                       capsys)
     assert code == 0, err
     images = np.load(os.path.join(out_dir, "samples.npz"))["images"]
     assert images.shape == (6, 8, 8, 1) and images.dtype == np.uint8
@@ -124,15 +126,15 @@ def runs(tmp_path_factory):
     """A 3-step unconditional digits run with a checkpoint at every step, and a 1-step digits classifier."""
     root = tmp_path_factory.mktemp("runs")
     digits, clf = str(root / "digits"), str(root / "clf")
-    _tiny_train(["train", "digits", "--out", digits, "--steps", "3", "--set", "train.ckpt_every=1", "--set", "train.keep=3",
-                 "--set", "optim.warmup_steps=0", "--set", "optim.lr=0.01"])  # steps 1 and 3 differ visibly
+    _tiny_train(["train", "digits", "--out", digits, "--steps", "3", "--set", "train.ckpt_every=1",  # steps 1 and 3
+                 "--set", "train.keep=3", "--set", "optim.warmup_steps=0", "--set", "optim.lr=0.01"])  # differ visibly
     assert main(["train", "digits-classifier", "--out", clf, "--steps", "1", "--no-progress"]) == 0
     return {"digits": digits, "weak": os.path.join(digits, "ckpt", "step-00000001"), "clf": clf}
 
 
 def _samples(out):
     data = np.load(os.path.join(out, "samples.npz"))
-    return data["images"], (data["labels"] if "labels" in data else None)
+    return data["images"], data.get("labels")
 
 
 def _reference(run, n, seed, wrap, ema=True, **kw):
@@ -144,7 +146,8 @@ def _reference(run, n, seed, wrap, ema=True, **kw):
 
     model, cfg = load_model(run, ema=ema)
     info = read_meta(find_checkpoint(run))["data"]
-    x, _ = generate(wrap(model), cfg, info, n, seed=seed, sampler="euler", nfe=2, **kw)
+    x, _ = generate(wrap(model), cfg.sample, info, n, conditioning=cfg.data.cond, seed=seed, sampler="euler", nfe=2,
+                    **kw)
     return to_uint8(x)
 
 
@@ -153,7 +156,7 @@ SAMPLE = ["--n", "4", "--nfe", "2", "--sampler", "euler", "--seed", "1"]
 
 def test_sample_classifier_guidance(runs, tmp_path, capsys):
     from unifuse.guidance import classifier_guidance
-    from unifuse.guidance_classifier import load_noisy_classifier
+    from unifuse.nets.classifier import load_noisy_classifier
 
     out = str(tmp_path / "s")
     base = ["sample", "--ckpt", runs["digits"], "--out", out] + SAMPLE
@@ -178,13 +181,15 @@ def test_sample_classifier_guidance(runs, tmp_path, capsys):
     for name in ("classifier.safetensors",):
         os.symlink(os.path.join(runs["clf"], name), other / name)
     for change, needle in (({"shape": [1, 32, 32]}, "shape [1, 32, 32], but the model makes [1, 8, 8]"),
-                           ({"config": dict(record["config"], num_classes=5)}, "knows 5 classes, but the model's data has 10")):
+                           ({"config": dict(record["config"], num_classes=5)}, "knows 5 classes, but the model's data "
+                                                                               "has 10")):
         (other / "classifier.json").write_text(json.dumps(dict(record, **change)))
         code, _, err = run(base + ["--classifier", str(other)], capsys)
         assert code == 1 and one_error_line(err) and needle in err and "unifuse train digits-classifier" in err, err
     for extra, needle in ((["--classifier-scale", "2"], "--classifier-scale needs --classifier"),
                           (["--classifier", runs["digits"]], "holds no noise-conditional classifier"),
-                          (["--classifier", runs["clf"], "--guidance", "2"], "set the classifier's strength with --classifier-scale")):
+                          (["--classifier", runs["clf"], "--guidance", "2"],
+                           "set the classifier's strength with --classifier-scale")):
         code, _, err = run(base + extra, capsys)
         assert code == 1 and one_error_line(err) and needle in err, err
     swiss = str(tmp_path / "swiss")

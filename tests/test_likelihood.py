@@ -5,8 +5,17 @@ import pytest
 import torch
 
 import unifuse as uf
-from unifuse.likelihood import (T, bits_per_dim, dequantize, hutchinson_probes, image_levels, jacobian_trace,
-                                log_likelihood, nll_report, prior_log_prob)
+from unifuse.likelihood import (
+    T,
+    bits_per_dim,
+    dequantize,
+    hutchinson_probes,
+    image_levels,
+    jacobian_trace,
+    log_likelihood,
+    nll_report,
+    prior_log_prob,
+)
 from unifuse.testing import GaussianMixture
 
 F64 = torch.float64

@@ -8,8 +8,8 @@ import unifuse as uf
 from unifuse.parameterization import KINDS
 from unifuse.testing import GaussianMixture
 
-from .test_parameterization import mixture
-from .test_paths import ALL, inner_times
+from .parameterization.test_convert import mixture
+from .paths.test_paths import ALL, inner_times
 
 F64 = torch.float64
 

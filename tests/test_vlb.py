@@ -8,8 +8,16 @@ from torch.special import ndtr
 import unifuse as uf
 from unifuse.paths.posterior import posterior
 from unifuse.testing import GaussianMixture
-from unifuse.vlb import (BIN, ddpm_vlb, discretized_gaussian_log_likelihood, normal_kl, prior_kl,
-                         reverse_log_variance, vlb_bits_per_dim, vlb_term)
+from unifuse.vlb import (
+    BIN,
+    ddpm_vlb,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+    prior_kl,
+    reverse_log_variance,
+    vlb_bits_per_dim,
+    vlb_term,
+)
 
 F64 = torch.float64
 GRID = torch.linspace(-1, 1, 256, dtype=F64)

@@ -1,8 +1,9 @@
 """The `unifuse` command: parse arguments and call library functions, nothing else.
 
     unifuse train PRESET_OR_YAML --out RUN [--set a.b=c ...] [--steps N] [--minutes M] [--seed S] [--resume RUN]
-    unifuse sample --ckpt RUN --out DIR [--sampler S] [--nfe N] [--n K] [--seed S] [--class C] [--prompt T] [--guidance W]
-                   [--guidance-interval LO,HI] [--classifier DIR [--classifier-scale S]] [--autoguide RUN --guidance W]
+    unifuse sample --ckpt RUN --out DIR [--sampler S] [--nfe N] [--n K] [--seed S] [--class C] [--prompt T]
+                   [--guidance W] [--guidance-interval LO,HI] [--classifier DIR [--classifier-scale S]]
+                   [--autoguide RUN --guidance W]
     unifuse eval --ckpt RUN [--n K] [--nll]
     unifuse presets
     unifuse demo [--out runs/demo] [--minutes M]
@@ -18,6 +19,7 @@ import sys
 import time
 
 from .errors import UnifuseError
+from .io import atomic_write, write_json
 
 NOT_YET = ("distill", "finetune", "bench")
 
@@ -30,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="unifuse", description="Every diffusion-family model as a path, a parameterization, an objective and a sampler.")
+    p = _Parser(prog="unifuse", description="Every diffusion-family model as a path, a parameterization, an objective "
+                                            "and a sampler.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     common = argparse.ArgumentParser(add_help=False)  # --debug after the subcommand too
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
@@ -38,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = sub.add_parser
 
     t = add("train", help="train a preset or a YAML config", parents=[common])
-    t.add_argument("config", nargs="?", help="preset name (see `unifuse presets`) or a YAML file; optional with --resume")
+    t.add_argument("config", nargs="?", help="preset name (see `unifuse presets`) or a YAML file; optional with "
+                                             "--resume")
     t.add_argument("--out", help="run folder (default: the --resume folder)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.lr=1e-3 (repeatable)")
@@ -64,11 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "the autoguidance scale")
     s.add_argument("--guidance-interval", metavar="LO,HI",
                    help="guide only at noise levels LO < sigma/alpha <= HI (EDM sigma); elsewhere plain conditional")
-    s.add_argument("--classifier", metavar="DIR", help="classifier guidance with the noise-conditional classifier in DIR "
+    s.add_argument("--classifier", metavar="DIR", help="classifier guidance with the noise-conditional classifier in "
+                                                       "DIR "
                                                        "(unifuse train digits-classifier --out DIR)")
     s.add_argument("--classifier-scale", type=float, metavar="S", help="classifier guidance scale (default 1)")
     s.add_argument("--autoguide", metavar="RUN", help="autoguidance: guide away from RUN, a weaker model of the same "
-                                                      "kind (an earlier checkpoint, a smaller or shorter run); scale --guidance")
+                                                      "kind (an earlier checkpoint, a smaller or shorter run); scale "
+                                                      "--guidance")
     s.add_argument("--clip-denoised", type=float, metavar="C", help="clip the denoised estimate to [-C, C] (1 for "
                                                                     "images; default: the run's sample.clip_denoised)")
     s.add_argument("--threshold-percentile", type=float, metavar="P",
@@ -99,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from .config import apply_overrides, from_dict, get_config
+    from .nets.classifier import CLASSIFIER_PRESETS
     from .training import train
     from .training.checkpoint import find_checkpoint, read_meta
-
-    from .guidance_classifier import CLASSIFIER_PRESETS, train_classifier_preset
+    from .training.classifier import train_classifier_preset
 
     if args.config in CLASSIFIER_PRESETS:  # a noise-conditional classifier for classifier guidance
         if not args.out:
@@ -120,7 +126,8 @@ def cmd_train(args) -> int:
         meta = read_meta(find_checkpoint(args.resume))
         cfg = from_dict(meta["config"])
         if args.config and args.config != cfg.name:
-            raise UnifuseError(f"--resume {args.resume} is a run of {cfg.name!r}, not {args.config!r}; drop the preset or match it")
+            raise UnifuseError(f"--resume {args.resume} is a run of {cfg.name!r}, not {args.config!r}; drop the preset "
+                               "or match it")
         cfg = apply_overrides(cfg, overrides)
         out = args.out or (args.resume if os.path.isdir(os.path.join(args.resume, "ckpt")) else None)
         if out is None:
@@ -139,7 +146,8 @@ def cmd_train(args) -> int:
         print(f"interrupted at step {summary['step']}; checkpoint {summary['checkpoint']}; continue with: "
               f"unifuse train --resume {out}", file=sys.stderr)
         return 130
-    print(f"trained {cfg.name} to step {summary['step']} ({summary['stopped_by']} budget) in {summary['seconds']:.0f} s; "
+    print(f"trained {cfg.name} to step {summary['step']} ({summary['stopped_by']} budget) in {summary['seconds']:.0f} "
+          "s; "
           f"checkpoint {summary['checkpoint']}")
     return 0
 
@@ -160,10 +168,11 @@ def cmd_sample(args) -> int:
     start = time.time()
     class_label = None if args.class_label is None else class_index(args.class_label, info)
     model, guidance, options = guided_model(model, cfg, info, args)
-    x, labels = generate(model, cfg, info, args.n, seed=args.seed, batch=args.batch, sampler=args.sampler, nfe=args.nfe,
-                         spacing=args.spacing, class_label=class_label, prompt=args.prompt, guidance=guidance,
-                         guidance_options=options, clip_denoised=args.clip_denoised,
-                         threshold_percentile=args.threshold_percentile, progress=True)
+    x, labels = generate(model, cfg.sample, info, args.n, conditioning=cfg.data.cond, seed=args.seed, batch=args.batch,
+                         sampler=args.sampler, nfe=args.nfe, spacing=args.spacing, class_label=class_label,
+                         prompt=args.prompt, guidance=guidance, guidance_options=options,
+                         clip_denoised=args.clip_denoised, threshold_percentile=args.threshold_percentile,
+                         progress=True)
     os.makedirs(args.out, exist_ok=True)
     arrays = {}
     if x.ndim == 4:
@@ -176,10 +185,7 @@ def cmd_sample(args) -> int:
         grid = plot_points(x, os.path.join(args.out, "grid.png"))
     if labels is not None:
         arrays["labels"] = labels.numpy()
-    npz = os.path.join(args.out, "samples.npz")
-    tmp = npz + ".tmp.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, npz)
+    npz = atomic_write(os.path.join(args.out, "samples.npz"), lambda tmp: np.savez_compressed(tmp, **arrays))
     print(f"{args.n} samples ({args.sampler or cfg.sample.sampler}, {args.nfe or cfg.sample.nfe} NFE) in "
           f"{time.time() - start:.1f} s -> {npz}, {grid}")
     return 0
@@ -211,7 +217,8 @@ def guided_model(model, cfg, info: dict, args):
             raise UnifuseError("--guidance-interval needs --guidance W (the scale used inside the interval)")
         interval = parse_interval(args.guidance_interval)
     if args.classifier_scale is not None and args.classifier is None:
-        raise UnifuseError("--classifier-scale needs --classifier DIR (train one with: unifuse train digits-classifier --out DIR)")
+        raise UnifuseError("--classifier-scale needs --classifier DIR (train one with: unifuse train digits-classifier "
+                           "--out DIR)")
     scale = args.guidance
     if args.autoguide is not None:
         if args.guidance is None:
@@ -220,14 +227,15 @@ def guided_model(model, cfg, info: dict, args):
                              args.guidance, interval=interval)
         scale = None
     if args.classifier is not None:
-        from .guidance_classifier import load_noisy_classifier
+        from .nets.classifier import load_noisy_classifier
 
         if cfg.data.cond == "text":
             raise UnifuseError("--classifier guides towards a class, but this run is caption-conditional; "
                                "use --prompt with --guidance (classifier-free guidance) instead")
         if int(info.get("num_classes", 0)) < 2:
             raise UnifuseError(f"--classifier guides towards a class, but the data of this run ({info['name']}) has no "
-                               "class labels; use a run on labelled data (digits, mnist, a folder with class sub-folders)")
+                               "class labels; use a run on labelled data (digits, mnist, a folder with class "
+                               "sub-folders)")
         if scale is not None and cfg.data.cond == "none":
             raise UnifuseError("--guidance is classifier-free guidance, which needs a class-conditional run; on this "
                                "unconditional run set the classifier's strength with --classifier-scale S")
@@ -249,15 +257,20 @@ def weak_model(run: str, main_run: str, cfg, info: dict, ema: bool = True):
     weak_info = read_meta(folder)["data"]
     model, weak_cfg = load_model(folder, ema=ema)
     if list(weak_info["shape"]) != list(info["shape"]):
-        raise UnifuseError(f"--autoguide {run} makes data of shape {list(weak_info['shape'])} ({weak_info['name']}), but the "
-                           f"sampled run makes {list(info['shape'])} ({info['name']}); use a weaker run on the same data")
+        raise UnifuseError(f"--autoguide {run} makes data of shape {list(weak_info['shape'])} ({weak_info['name']}), "
+                           "but the "
+                           f"sampled run makes {list(info['shape'])} ({info['name']}); use a weaker run on the same "
+                           "data")
     if (weak_cfg.model.path, weak_cfg.model.path_options) != (cfg.model.path, cfg.model.path_options):
-        raise UnifuseError(f"--autoguide {run} is on path {weak_cfg.model.path!r} but the sampled run on {cfg.model.path!r}; "
+        raise UnifuseError(f"--autoguide {run} is on path {weak_cfg.model.path!r} but the sampled run on "
+                           f"{cfg.model.path!r}; "
                            "autoguidance compares two models of the same kind: train the weak one with the same preset")
     if weak_cfg.data.cond != cfg.data.cond or (cfg.data.cond == "class" and
                                                int(weak_info.get("num_classes", 0)) != int(info.get("num_classes", 0))):
-        raise UnifuseError(f"--autoguide {run} has data.cond={weak_cfg.data.cond!r} ({weak_info.get('num_classes', 0)} classes) "
-                           f"but the sampled run data.cond={cfg.data.cond!r} ({info.get('num_classes', 0)} classes); both "
+        raise UnifuseError(f"--autoguide {run} has data.cond={weak_cfg.data.cond!r} ({weak_info.get('num_classes', 0)} "
+                           "classes) "
+                           f"but the sampled run data.cond={cfg.data.cond!r} ({info.get('num_classes', 0)} classes); "
+                           "both "
                            "must take the same condition")
     return model
 
@@ -277,7 +290,8 @@ def evaluate_run(ckpt: str, n=None, *, nll: bool = False, sampler=None, nfe=None
     info = meta["data"]
     n = n or cfg.eval.n
     start = time.time()
-    x, labels = generate(model, cfg, info, n, seed=seed, sampler=sampler, nfe=nfe, progress=progress)
+    x, labels = generate(model, cfg.sample, info, n, conditioning=cfg.data.cond, seed=seed, sampler=sampler, nfe=nfe,
+                         progress=progress)
     report = {"run": folder, "step": meta["step"], "preset": cfg.name, "data": info["name"], "n": n,
               "sampler": sampler or cfg.sample.sampler, "nfe": nfe or cfg.sample.nfe,
               "sample_seconds": round(time.time() - start, 2)}
@@ -294,7 +308,8 @@ def evaluate_run(ckpt: str, n=None, *, nll: bool = False, sampler=None, nfe=None
 
         held = build_data(cfg, "heldout").images[:64]
         if held.ndim != 4:
-            raise UnifuseError("--nll measures bits/dim of images; for the 2-D sets use unifuse.likelihood.log_likelihood")
+            raise UnifuseError("--nll measures bits/dim of images; for the 2-D sets use "
+                               "unifuse.likelihood.log_likelihood")
         # Score the held-out images as 8-bit images (digits' 17 grey levels rounded to the nearest of 256).
         held = torch.round((held + 1) * 127.5) / 127.5 - 1
         report["nll"] = nll_report(model, held, progress=progress)
@@ -302,7 +317,7 @@ def evaluate_run(ckpt: str, n=None, *, nll: bool = False, sampler=None, nfe=None
 
 
 def cmd_eval(args) -> int:
-    from .training.checkpoint import find_checkpoint, write_json
+    from .training.checkpoint import find_checkpoint
 
     report = evaluate_run(args.ckpt, args.n, nll=args.nll, sampler=args.sampler, nfe=args.nfe, seed=args.seed)
     out = args.out or os.path.join(os.path.dirname(os.path.dirname(find_checkpoint(args.ckpt))), "eval.json")
@@ -332,8 +347,7 @@ def _jsonable(obj):
 
 def cmd_presets(args) -> int:
     from .config import list_presets
-
-    from .guidance_classifier import CLASSIFIER_PRESETS
+    from .nets.classifier import CLASSIFIER_PRESETS
 
     rows = list_presets() + [(k, f"noise-conditional {v[0]} classifier for classifier guidance (any path)")
                              for k, v in CLASSIFIER_PRESETS.items()]

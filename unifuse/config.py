@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .errors import UnifuseError, choose
+from .io import write_text
+from .parameterization import defined_at_zero_snr
 
 FAMILIES = ("ddpm", "iddpm", "vpsde", "vesde", "edm", "rf", "trigflow", "ct")
 OBJECTIVES = ("ddpm", "hybrid", "dsm", "edm", "flow", "trigflow", "ct")
@@ -177,9 +180,10 @@ def family_config(family: str, dataset: str = "digits", *, cond: str = "none", n
                           warmup_steps=min(200, steps // 10), decay_after=d["decay_after"]),
         train=TrainConfig(steps=steps, ckpt_every=max(100, steps // 8), log_every=max(1, min(25, steps // 100)),
                           precision=d["precision"], threads=d["threads"]),
-        # eps predictions blow up near zero SNR (x0 = (x - sigma eps) / alpha): on images in [-1, 1] they clip the
-        # denoised estimate, as improved-diffusion's clip_denoised does (unifuse.thresholding)
-        sample=SampleConfig(sampler=sampler, nfe=nfe, clip_denoised=1.0 if kind != "toy" and prediction == "eps" else 0.0),
+        # kinds undefined at zero SNR (eps: x0 = (x - sigma eps) / alpha) blow up there: on images in [-1, 1] they
+        # clip the denoised estimate, as improved-diffusion's clip_denoised does (unifuse.thresholding)
+        sample=SampleConfig(sampler=sampler, nfe=nfe,
+                            clip_denoised=1.0 if kind != "toy" and not defined_at_zero_snr(prediction) else 0.0),
     )
     return validate(cfg)
 
@@ -233,9 +237,11 @@ def validate(cfg: Config) -> Config:
         (not m.learned_variance or m.path.startswith("ddpm"),
          f"a learned variance needs a discrete DDPM path (ddpm-linear, ddpm-cosine), got {m.path!r}"),
         (o.name != "ddpm" or m.path.startswith("ddpm"),
-         f"objective 'ddpm' samples integer steps and needs a DDPM path, got {m.path!r}; use 'dsm' for continuous paths"),
+         f"objective 'ddpm' samples integer steps and needs a DDPM path, got {m.path!r}; use 'dsm' for continuous "
+         "paths"),
         ((o.name == "ct") == (m.prediction == "consistency"),
-         f"objective 'ct' and prediction 'consistency' go together; got objective {o.name!r} with prediction {m.prediction!r}"),
+         f"objective 'ct' and prediction 'consistency' go together; got objective {o.name!r} with prediction "
+         f"{m.prediction!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -279,17 +285,20 @@ def _coerce(key: str, value, current, kind):
             return value.lower() in ("true", "yes", "on", "1")
         raise UnifuseError(f"config key {key!r} needs true or false, got {value!r}")
     if isinstance(current, int):
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-                                           or (isinstance(value, str) and _is_number(value) and float(value).is_integer())):
+        integral = (isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+                    or (isinstance(value, str) and _is_number(value) and float(value).is_integer()))
+        if isinstance(value, bool) or not integral:
             raise UnifuseError(f"config key {key!r} needs an integer, got {value!r}")
         return int(float(value))
     if isinstance(current, float):
-        if isinstance(value, bool) or not (isinstance(value, (int, float)) or (isinstance(value, str) and _is_number(value))):
+        numeric = isinstance(value, (int, float)) or (isinstance(value, str) and _is_number(value))
+        if isinstance(value, bool) or not numeric:
             raise UnifuseError(f"config key {key!r} needs a number, got {value!r}")
         return float(value)
     if isinstance(current, tuple):
         if not isinstance(value, (list, tuple)) or len(value) != len(current):
-            raise UnifuseError(f"config key {key!r} needs a list of {len(current)} values like {list(current)}, got {value!r}")
+            raise UnifuseError(f"config key {key!r} needs a list of {len(current)} values like {list(current)}, got "
+                               f"{value!r}")
         return tuple(_coerce(f"{key}[{i}]", v, c, type(c)) for i, (v, c) in enumerate(zip(value, current)))
     if isinstance(current, str):
         if isinstance(value, (dict, list, tuple)) or value is None:
@@ -315,7 +324,8 @@ def _merge(obj, updates: Mapping, prefix: str = ""):
     for key, value in updates.items():
         full = prefix + str(key)
         if key not in valid:
-            raise UnifuseError(f"unknown config key {full!r}; valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
+            raise UnifuseError(f"unknown config key {full!r}; valid "
+                               f"keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
                                f"{', '.join(sorted(valid))}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
@@ -353,13 +363,15 @@ def apply_overrides(cfg: Config, overrides: Sequence[str] = ()) -> Config:
             path.append(parts.pop(0))
             obj = getattr(obj, path[-1])
         if not parts:
-            raise UnifuseError(f"override {text!r} names a whole section; set one key like {'.'.join(path)}.<key>=value")
+            raise UnifuseError(f"override {text!r} names a whole section; set one key like "
+                               f"{'.'.join(path)}.<key>=value")
         head = parts[0]
         if len(parts) > 1:
             names = {f.name for f in fields(obj)}
             if head not in names or not isinstance(getattr(obj, head), dict):
                 where = ".".join(path + [head])
-                raise UnifuseError(f"unknown config key {where!r}; valid keys{' under ' + '.'.join(path) if path else ''}: "
+                raise UnifuseError(f"unknown config key {where!r}; valid "
+                                   f"keys{' under ' + '.'.join(path) if path else ''}: "
                                    f"{', '.join(sorted(names))}")
             inner = dict(getattr(obj, head))
             node = inner
@@ -397,7 +409,8 @@ def load_config(path) -> Config:
     import yaml
 
     if not os.path.isfile(path):
-        raise UnifuseError(f"config file {os.fspath(path)!r} does not exist; give a preset name (unifuse presets) or a YAML path")
+        raise UnifuseError(f"config file {os.fspath(path)!r} does not exist; give a preset name (unifuse presets) or a "
+                           "YAML path")
     try:
         with open(path) as fh:
             d = yaml.safe_load(fh) or {}
@@ -413,16 +426,10 @@ def load_config(path) -> Config:
 
 
 def save_config(cfg: Config, path) -> str:
-    """Write the resolved config as YAML (temporary file, then rename)."""
+    """Write the resolved config as YAML (`unifuse.io.write_text`: temporary file, then rename)."""
     import yaml
 
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "ObjectiveConfig", "OptimConfig", "TrainConfig", "SampleConfig",

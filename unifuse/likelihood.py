@@ -14,8 +14,9 @@ alpha = cos(phi), sigma = sin(phi) (`model.on(TrigFlow(sigma_d=1))`; the state i
 sigma^2)), where the velocity -sin(phi) x0_hat + cos(phi) eps_hat is bounded at both ends for every
 family (VP's infinite sigma'(0), EDM's growing scale and alpha = 0 noise ends all disappear), and the
 solver steps in psi = phi^(1/7), which concentrates steps near the data end like EDM's rho = 7 grid.
-Solvers: adaptive Dormand-Prince 5(4) ("dopri5", rtol/atol; one step size for the whole batch, so a
-sample's value depends on its batch only at the level of the tolerance) or fixed RK4.
+Solvers: adaptive Dormand-Prince 5(4) ("dopri5", rtol/atol; the step of `samplers.dormand_prince`, shared with
+the adaptive sampler; one step size for the whole batch, so a sample's value depends on its batch only at the
+level of the tolerance) or fixed RK4.
 
 Conventions (stated once):
 - Data end: the ODE starts at t_start > t_min, so the result is log q_{t_start}(x), the density of
@@ -40,12 +41,15 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from .errors import UnifuseError, choose
+from .parameterization.kinds import defined_at_zero_snr
 from .paths.continuous import TrigFlow
+from .samplers.dormand_prince import B5, E, dormand_prince_step, error_norm, step_factor
 from .vlb import check_images, vlb_bits_per_dim
 
 Tensor = torch.Tensor
@@ -56,17 +60,6 @@ DIVERGENCES = ("auto", "exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
 SOLVERS = ("dopri5", "rk4")
 EXACT_MAX_DIM = 32        # "auto" uses the exact divergence up to this many dimensions
-
-# Dormand-Prince 5(4): nodes, stage weights, 5th-order weights and (5th - 4th) error weights
-_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
-      (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-      (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-      (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
-_B = _A[6] + (0.0,)
-_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
-_E = tuple(b - b4 for b, b4 in zip(_B, _B4))
-
 
 class Likelihood(NamedTuple):
     """Per-sample results of one PF-ODE solve (nats)."""
@@ -81,8 +74,8 @@ class Likelihood(NamedTuple):
 
 
 # --- prior ----------------------------------------------------------------------------------------
-def prior_log_prob(path, x: Tensor, t=None, *, prior_std: Optional[float] = None,
-                   data_std: Optional[float] = None) -> Tensor:
+def prior_log_prob(path, x: Tensor, t=None, *, prior_std: float | None = None,
+                   data_std: float | None = None) -> Tensor:
     """log N(x; 0, std^2 I) per sample with std = sigma(t), or sqrt(alpha^2 data_std^2 + sigma^2)."""
     t = torch.as_tensor(path.t_max if t is None else t, dtype=torch.float64)
     a, sg = float(path.alpha(t)), float(path.sigma(t))
@@ -94,14 +87,14 @@ def prior_log_prob(path, x: Tensor, t=None, *, prior_std: Optional[float] = None
 
 # --- divergence -------------------------------------------------------------------------------------
 def hutchinson_probes(x: Tensor, n: int, kind: str = "rademacher",
-                      generator: Optional[torch.Generator] = None) -> Tensor:
+                      generator: torch.Generator | None = None) -> Tensor:
     """n probes shaped like x with E[z z^T] = I: Rademacher (+-1) or standard Gaussian."""
     choose("probe", kind, PROBES)
     z = torch.randn((n,) + tuple(x.shape), generator=generator, dtype=x.dtype, device=x.device)
     return torch.sign(z) + (z == 0) if kind == "rademacher" else z
 
 
-def jacobian_trace(fn: Callable[[Tensor], Tensor], z: Tensor, probes: Optional[Tensor] = None):
+def jacobian_trace(fn: Callable[[Tensor], Tensor], z: Tensor, probes: Tensor | None = None):
     """(f(z), div_z f(z)) per sample: exact trace of the Jacobian (one autograd pass per dimension),
     or the Hutchinson estimate mean_k p_k^T (df/dz) p_k when probes [n, *z.shape] are given."""
     with torch.enable_grad():
@@ -140,10 +133,16 @@ def _rk4(field, z, r0: float, r1: float, steps: int, bar):
     return z, delta, 4 * steps
 
 
+def _weighted(y, h: float, weights, slopes):
+    """y + h sum_j w_j k_j (h sum_j w_j k_j when y is None), zero weights skipped."""
+    total = h * sum(w * k for w, k in zip(weights, slopes) if w != 0.0)
+    return total if y is None else y + total
+
+
 def _dopri5(field, z, r0: float, r1: float, rtol: float, atol: float, max_steps: int, bar):
-    """Adaptive Dormand-Prince 5(4) with FSAL and a standard step-size controller (Hairer et al.,
-    Solving ODEs I, II.4); the error norm is the largest per-sample RMS over the batch, so every
-    sample meets the tolerance. Raises when `max_steps` attempts do not reach r1."""
+    """Adaptive Dormand-Prince 5(4) (`samplers.dormand_prince`) on the augmented state (z, delta); the error
+    norm is the largest per-sample RMS over the batch, so every sample meets the tolerance. Raises when
+    `max_steps` attempts do not reach r1."""
     span = r1 - r0
     delta = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
     r, h, nfe, attempts = r0, span / 64, 1, 0
@@ -156,21 +155,12 @@ def _dopri5(field, z, r0: float, r1: float, rtol: float, atol: float, max_steps:
                                "loosen rtol/atol, or use solver='rk4'")
         attempts += 1
         h = min(h, r1 - r)
-        ks, ds = [k], [d]
-        for i in range(1, 7):
-            zi = z + h * sum(a * kj for a, kj in zip(_A[i], ks) if a != 0.0)
-            ki, di = field(r + _C[i] * h, zi)
-            ks.append(ki)
-            ds.append(di)
+        z_new, ks, ds, err_z = dormand_prince_step(field, r, z, (k, d), h, _weighted)
         nfe += 6
-        z_new = zi  # the 7th stage point is the 5th-order solution (FSAL)
-        d_new = delta + h * sum(b * dj for b, dj in zip(_B, ds))
-        err_z = h * sum(e * kj for e, kj in zip(_E, ks) if e != 0.0)
-        err_d = h * sum(e * dj for e, dj in zip(_E, ds) if e != 0.0)
-        scale = atol + rtol * torch.maximum(z.abs(), z_new.abs())
-        per_sample = (err_z / scale).flatten(1).pow(2).mean(1).sqrt()
+        d_new = delta + h * sum(b * dj for b, dj in zip(B5, ds))
+        err_d = _weighted(None, h, E, ds)
         err_d = (err_d / (atol + rtol * torch.maximum(delta.abs(), d_new.abs()))).abs()
-        per_sample = torch.maximum(per_sample, err_d.to(per_sample.dtype))
+        per_sample = torch.maximum(error_norm(err_z, z, z_new, rtol, atol), err_d.to(err_z.dtype))
         err = float(per_sample.max())
         if not math.isfinite(err):
             if not bool(torch.isfinite(z).all()):
@@ -183,7 +173,7 @@ def _dopri5(field, z, r0: float, r1: float, rtol: float, atol: float, max_steps:
             r += h
             bar.update(h)
             z, delta, k, d = z_new, d_new, ks[6], ds[6]
-        h *= min(10.0, max(0.2, 0.9 * (err if err > 0 else 1e-10) ** -0.2))
+        h *= step_factor(err, 10.0)
         if h < 1e-10 * span:
             raise UnifuseError(f"the adaptive PF-ODE solver's step underflowed near {100 * (r - r0) / span:.1f}% "
                                "of the way "
@@ -199,7 +189,7 @@ def T(t) -> Tensor:
 
 def _rows(cond: dict, lo: int, size: int, n: int) -> dict:
     """The rows lo:lo+size of every conditioning tensor with n rows (other values pass unchanged)."""
-    take = lambda v: isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n  # noqa: E731
+    take = lambda v: isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n
     return {k: (v[lo:lo + size] if take(v) else v) for k, v in cond.items()}
 
 
@@ -228,27 +218,37 @@ def _noise_end(model, t_end) -> float:
     path = model.path
     if t_end is None:
         t_end = float(model.t_max)
-        if float(path.alpha(torch.tensor(t_end, dtype=torch.float64))) == 0.0 and model.prediction in ("eps", "score"):
+        at_zero_snr = float(path.alpha(torch.tensor(t_end, dtype=torch.float64))) == 0.0
+        if at_zero_snr and not defined_at_zero_snr(model.prediction):
             t_end = float(path.t_from_sigma_edm(torch.tensor(SIGMA_CAP, dtype=torch.float64)))
     return float(t_end)
 
 
-def log_likelihood(model, x: Tensor, *, t_start=None, sigma_start: Optional[float] = None, t_end=None,
-                   divergence: str = "auto", n_probes: int = 1, probe: str = "rademacher",
-                   solver: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5, steps: int = 64,
-                   max_steps: int = 2000, prior_std: Optional[float] = None, data_std: Optional[float] = None,
-                   prior: Optional[Callable[[Tensor], Tensor]] = None, generator: Optional[torch.Generator] = None,
-                   batch_size: Optional[int] = None, progress: bool = False, return_details: bool = False, **cond):
-    """log q_{t_start}(x) in nats per sample [B] by the PF-ODE and the instantaneous change of variables.
+class _Ends(NamedTuple):
+    """The solve's two ends: native times, unit-angle solver variable psi = phi^(1/RHO), and state norms."""
 
-    model: a DiffusionModel of any path and prediction kind. x: [B, ...] data in the model's units.
-    divergence: "exact" (D autograd passes per evaluation), "hutchinson" (`n_probes` probes of kind
-    `probe`, fixed per solve, averaged) or "auto" (exact for D <= 32). solver: "dopri5" (adaptive; rtol,
-    atol, max_steps attempts) or "rk4" (`steps` steps, 4 evaluations each). Prior: see the module
-    docstring. return_details: a `Likelihood` with the prior term, the integral, x at t_end and the NFE.
-    cond: passed to the network (class_labels=..., shape [B])."""
-    from tqdm.auto import tqdm
+    t0: float
+    t1: float
+    r0: float
+    r1: float
+    s0: float
+    s1: float
 
+
+def _ends(model, t_start, sigma_start, t_end) -> _Ends:
+    """The data end t_start and noise end t_end as native times, solver variables and norms |(alpha, sigma)|."""
+    path = model.path
+    t0, t1 = _data_end(model, t_start, sigma_start), _noise_end(model, t_end)
+    if not t0 < t1 <= float(path.t_max) + 1e-9:
+        raise UnifuseError(f"need t_start < t_end <= t_max = {path.t_max}; got t_start = {t0}, t_end = {t1}")
+    phi0, phi1 = math.atan(float(path.sigma_edm(T(t0)))), math.atan(float(path.sigma_edm(T(t1))))
+    if phi1 >= math.pi / 2 - 1e-15:
+        phi1 = math.pi / 2
+    s0, s1 = (math.hypot(float(path.alpha(T(t))), float(path.sigma(T(t)))) for t in (t0, t1))
+    return _Ends(t0, t1, phi0 ** (1 / RHO), phi1 ** (1 / RHO), s0, s1)
+
+
+def _check_inputs(x, divergence, solver, n_probes, steps) -> None:
     choose("divergence", divergence, DIVERGENCES)
     choose("solver", solver, SOLVERS)
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2:
@@ -260,65 +260,79 @@ def log_likelihood(model, x: Tensor, *, t_start=None, sigma_start: Optional[floa
         raise UnifuseError(f"n_probes must be a positive integer, got {n_probes!r}")
     if solver == "rk4" and not (isinstance(steps, int) and steps >= 1):
         raise UnifuseError(f"steps must be a positive integer for solver='rk4', got {steps!r}")
+
+
+def _solve(unit, xb: Tensor, cond: dict, probes, ends: _Ends, solver: str, options: dict, bar):
+    """Integrate one batch from the data end to the noise end: (x at t_end, integral of div u, NFE)."""
+
+    def velocity(phi: float, z: Tensor) -> Tensor:
+        e = unit.evaluate(z, T(phi).expand(z.shape[0]), **cond)
+        return (-math.sin(phi) * e.x0 + math.cos(phi) * e.eps).to(z.dtype)
+
+    def field(r: float, z: Tensor):
+        phi = min(r**RHO, math.pi / 2)
+        dphi = RHO * r ** (RHO - 1)  # dphi/dpsi
+        f, div = jacobian_trace(lambda zz: velocity(phi, zz), z, probes)
+        return dphi * f, dphi * div.to(torch.float64)
+
+    z = xb / ends.s0
+    try:  # a wrong data shape or dtype surfaces here as one clear message
+        if solver == "rk4":
+            z1, delta, nfe = _rk4(field, z, ends.r0, ends.r1, options["steps"], bar)
+        else:
+            z1, delta, nfe = _dopri5(field, z, ends.r0, ends.r1, options["rtol"], options["atol"],
+                                     options["max_steps"], bar)
+    except RuntimeError as err:
+        raise UnifuseError(f"the model could not be evaluated on x of shape {tuple(xb.shape)} and dtype "
+                           f"{xb.dtype} "
+                           f"(is it the model's data shape and parameter dtype?): {err}") from None
+    return z1 * ends.s1, delta, nfe
+
+
+def log_likelihood(model, x: Tensor, *, t_start=None, sigma_start: float | None = None, t_end=None,
+                   divergence: str = "auto", n_probes: int = 1, probe: str = "rademacher",
+                   solver: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5, steps: int = 64,
+                   max_steps: int = 2000, prior_std: float | None = None, data_std: float | None = None,
+                   prior: Callable[[Tensor], Tensor] | None = None, generator: torch.Generator | None = None,
+                   batch_size: int | None = None, progress: bool = False, return_details: bool = False, **cond):
+    """log q_{t_start}(x) in nats per sample [B] by the PF-ODE and the instantaneous change of variables.
+
+    model: a DiffusionModel of any path and prediction kind. x: [B, ...] data in the model's units.
+    divergence: "exact" (D autograd passes per evaluation), "hutchinson" (`n_probes` probes of kind
+    `probe`, fixed per solve, averaged) or "auto" (exact for D <= 32). solver: "dopri5" (adaptive; rtol,
+    atol, max_steps attempts) or "rk4" (`steps` steps, 4 evaluations each). Prior: see the module
+    docstring. return_details: a `Likelihood` with the prior term, the integral, x at t_end and the NFE.
+    cond: passed to the network (class_labels=..., shape [B])."""
+    from tqdm.auto import tqdm
+
+    _check_inputs(x, divergence, solver, n_probes, steps)
     path = model.path
-    t0, t1 = _data_end(model, t_start, sigma_start), _noise_end(model, t_end)
-    if not t0 < t1 <= float(path.t_max) + 1e-9:
-        raise UnifuseError(f"need t_start < t_end <= t_max = {path.t_max}; got t_start = {t0}, t_end = {t1}")
-    D = x[0].numel()
+    ends = _ends(model, t_start, sigma_start, t_end)
+    D, B = x[0].numel(), x.shape[0]
     exact = divergence == "exact" or (divergence == "auto" and D <= EXACT_MAX_DIM)
-    B = x.shape[0]
     size = B if batch_size is None else int(batch_size)
     if size < 1:
         raise UnifuseError(f"batch_size must be positive, got {batch_size!r}")
-
     # the unit-angle path: phi = arctan(sigma/alpha); the state z = x / sqrt(alpha^2 + sigma^2)
-    angle = TrigFlow(sigma_d=1.0)
-    unit = model.on(angle)
-    phi0, phi1 = math.atan(float(path.sigma_edm(T(t0)))), math.atan(float(path.sigma_edm(T(t1))))
-    if phi1 >= math.pi / 2 - 1e-15:
-        phi1 = math.pi / 2
-    s0, s1 = (math.hypot(float(path.alpha(T(t))), float(path.sigma(T(t)))) for t in (t0, t1))
-    r0, r1 = phi0 ** (1 / RHO), phi1 ** (1 / RHO)
-
+    unit = model.on(TrigFlow(sigma_d=1.0))
+    options = dict(steps=steps, rtol=rtol, atol=atol, max_steps=max_steps)
     # dropout off: the ODE needs a deterministic velocity (restored afterwards)
     was_training = bool(getattr(model, "training", False))
     if isinstance(model, torch.nn.Module):
         model.eval()
     results = []
-    bar = tqdm(total=(r1 - r0) * math.ceil(B / size), disable=not progress, desc="log-likelihood", leave=False,
-               bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+    bar = tqdm(total=(ends.r1 - ends.r0) * math.ceil(B / size), disable=not progress, desc="log-likelihood",
+               leave=False, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
     try:
         for lo in range(0, B, size):
             xb = x[lo:lo + size]
-            cb = _rows(cond, lo, size, B)
             probes = None if exact else hutchinson_probes(xb, n_probes, probe, generator)
-
-            def velocity(phi: float, z: Tensor) -> Tensor:
-                e = unit.evaluate(z, T(phi).expand(z.shape[0]), **cb)
-                return (-math.sin(phi) * e.x0 + math.cos(phi) * e.eps).to(z.dtype)
-
-            def field(r: float, z: Tensor):
-                phi = min(r**RHO, math.pi / 2)
-                dphi = RHO * r ** (RHO - 1)  # dphi/dpsi
-                f, div = jacobian_trace(lambda zz: velocity(phi, zz), z, probes)
-                return dphi * f, dphi * div.to(torch.float64)
-
-            z = xb / s0
-            try:  # a wrong data shape or dtype surfaces here as one clear message
-                if solver == "rk4":
-                    z1, delta, nfe = _rk4(field, z, r0, r1, steps, bar)
-                else:
-                    z1, delta, nfe = _dopri5(field, z, r0, r1, rtol, atol, max_steps, bar)
-            except RuntimeError as err:
-                raise UnifuseError(f"the model could not be evaluated on x of shape {tuple(xb.shape)} and dtype "
-                                   f"{xb.dtype} "
-                                   f"(is it the model's data shape and parameter dtype?): {err}") from None
-            x1 = z1 * s1
+            x1, delta, nfe = _solve(unit, xb, _rows(cond, lo, size, B), probes, ends, solver, options, bar)
             if prior is not None:
                 lp = torch.as_tensor(prior(x1), dtype=torch.float64).reshape(-1)
             else:
-                lp = prior_log_prob(path, x1, t1, prior_std=prior_std, data_std=data_std)
-            logp = lp + D * math.log(s1) + delta - D * math.log(s0)
+                lp = prior_log_prob(path, x1, ends.t1, prior_std=prior_std, data_std=data_std)
+            logp = lp + D * math.log(ends.s1) + delta - D * math.log(ends.s0)
             results.append((logp, lp, delta, x1, nfe))
     finally:
         bar.close()
@@ -328,7 +342,7 @@ def log_likelihood(model, x: Tensor, *, t_start=None, sigma_start: Optional[floa
     if not return_details:
         return logp
     return Likelihood(logp, torch.cat([r[1] for r in results]), torch.cat([r[2] for r in results]),
-                      torch.cat([r[3] for r in results]), max(r[4] for r in results), t0, t1)
+                      torch.cat([r[3] for r in results]), max(r[4] for r in results), ends.t0, ends.t1)
 
 
 # --- images: dequantization and bits per dimension -------------------------------------------------------
@@ -340,14 +354,14 @@ def image_levels(images: Tensor) -> Tensor:
     return ((images.to(torch.float64) + 1) * 127.5).round().long()
 
 
-def dequantize(images: Tensor, generator: Optional[torch.Generator] = None, dtype=torch.float32) -> Tensor:
+def dequantize(images: Tensor, generator: torch.Generator | None = None, dtype=torch.float32) -> Tensor:
     """Uniform dequantization: y = (k + u)/128 - 1, u ~ U[0, 1), so y fills k's bin of width 1/128 in [-1, 1)."""
     k = image_levels(images)
     u = torch.rand(k.shape, generator=generator, dtype=torch.float64, device=k.device)
     return ((k + u) / 128.0 - 1.0).to(dtype)
 
 
-def bits_per_dim(model, images: Tensor, *, n_dequant: int = 1, generator: Optional[torch.Generator] = None,
+def bits_per_dim(model, images: Tensor, *, n_dequant: int = 1, generator: torch.Generator | None = None,
                  dtype=torch.float32, return_details: bool = False, **options):
     """Bits per dimension [B] of 8-bit images (uint8 0..255, or float k/127.5 - 1 in [-1, 1]).
 
@@ -368,8 +382,8 @@ def bits_per_dim(model, images: Tensor, *, n_dequant: int = 1, generator: Option
     return (bpd, details) if return_details else bpd
 
 
-def nll_report(model, images: Tensor, *, batch_size: int = 64, vlb: Optional[bool] = None, vlb_steps=None,
-               pad: int = 0, cond: Optional[dict] = None, seed: int = 0, progress: bool = True, **options) -> dict:
+def nll_report(model, images: Tensor, *, batch_size: int = 64, vlb: bool | None = None, vlb_steps=None,
+               pad: int = 0, cond: dict | None = None, seed: int = 0, progress: bool = True, **options) -> dict:
     """Bits/dim of 8-bit images by the PF-ODE (and, for DDPM paths, the discrete VLB): a JSON-ready dict
     for `unifuse eval --nll`.
 

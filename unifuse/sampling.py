@@ -14,21 +14,22 @@ exceeded:
     re-noising would change almost nothing, is skipped);
   adaptive: nfe is an upper bound; exceeding it raises.
 The grid and every quantity that depends on time alone (schedule, prepared evaluations, step coefficients) are
-kept on the path and the model (`samplers.base.memo`, a few entries per object), so repeating a call with the same
-settings, batch size, dtype and device does no set-up work.
+computed before the loop into a `uf.samplers.Plan`; pass the same `plan=` to repeated calls and those with the
+same settings, batch size, dtype and device do no set-up work (without one, each call makes its own).
 """
 from __future__ import annotations
 
 import math
 import sys
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
 from . import samplers as _samplers
 from .errors import UnifuseError
+from .parameterization.kinds import defined_at_zero_snr
 from .paths import time_grid
-from .samplers.base import memo
+from .samplers.plan import Plan, as_plan
 
 F64 = torch.float64
 
@@ -67,7 +68,7 @@ def pc_plan(nfe: int, n_corrector: int) -> list:
     return counts
 
 
-def plan(name: str, nfe: int, zero_start: bool = False, options: Optional[dict] = None):
+def nfe_budget(name: str, nfe: int, zero_start: bool = False, options: dict | None = None):
     """(grid steps, extra keyword arguments) that make sampler `name` use exactly `nfe` evaluations."""
     spec = _samplers.get(name)
     options = options or {}
@@ -84,7 +85,7 @@ def plan(name: str, nfe: int, zero_start: bool = False, options: Optional[dict] 
     return nfe, {}
 
 
-def grid_cost(name: str, ts: torch.Tensor, path, options: Optional[dict] = None) -> tuple:
+def grid_cost(name: str, ts: torch.Tensor, path, options: dict | None = None) -> tuple:
     """(nfe, extra) for sampler `name` on a given grid (used for user grids)."""
     spec = _samplers.get(name)
     K = ts.numel() - 1
@@ -121,12 +122,12 @@ def noise_end_grid(path, steps: int, spacing, grid_kw: dict, zero_snr_ok: bool =
 
 def planned_grid(path, sampler: str, nfe: int, spacing, grid_kw: dict, zero_ok: bool, options: dict) -> tuple:
     """(grid, extra sampler arguments, sigma at the grid's start) that spend exactly `nfe` evaluations;
-    `sample` keeps the result on the path (`samplers.memo`), so a repeated call recomputes none of it."""
+    `sample` keeps the result in its plan, so a repeated call with that plan recomputes none of it."""
     spec = _samplers.get(sampler)
-    steps, extra = plan(sampler, nfe, False, options)
+    steps, extra = nfe_budget(sampler, nfe, False, options)
     ts = noise_end_grid(path, steps, spacing, grid_kw, zero_ok)
     if spec.zero_snr_first_order and float(path.alpha(ts[:1])[0]) == 0.0:
-        steps, extra = plan(sampler, nfe, True, options)
+        steps, extra = nfe_budget(sampler, nfe, True, options)
         ts = noise_end_grid(path, steps, spacing, grid_kw, zero_ok)
     if spec.cost == "renoise":  # multistep consistency sampling never lands on the grid's least noisy time
         ts = torch.cat([ts[:-2], ts[-1:]])
@@ -139,11 +140,23 @@ def _check_nfe(nfe):
     return nfe
 
 
-def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: Optional[int] = None, *, spacing=None,
-           generator=None, cond: Optional[dict] = None, guidance=None, guidance_options: Optional[dict] = None,
-           return_trajectory: bool = False, return_info: bool = False, progress: Optional[bool] = None,
-           rho: float = 7.0, shift: float = 3.0, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
-           **options):
+def _user_grid(path, sampler: str, spacing, nfe, options: dict) -> tuple:
+    """(grid, extra sampler arguments, nfe, sigma at the grid's start) for a grid the user gives."""
+    ts = time_grid(path, 1, spacing)
+    cost, extra = grid_cost(sampler, ts, path, options)
+    if nfe is not None and cost is not None and _check_nfe(nfe) != cost:
+        raise UnifuseError(f"this grid of {ts.numel() - 1} steps costs {cost} evaluations with sampler "
+                           f"{sampler!r}, not nfe={nfe}; pass nfe={cost} (or nfe=None) or another grid")
+    if _samplers.get(sampler).cost == "adaptive":
+        extra = {"max_nfe": nfe} if nfe is not None else {}
+    return ts, extra, cost if cost is not None else nfe, float(path.sigma(ts[:1])[0])
+
+
+def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | None = None, *, spacing=None,
+           generator=None, cond: dict | None = None, guidance=None, guidance_options: dict | None = None,
+           return_trajectory: bool = False, return_info: bool = False, progress: bool | None = None,
+           rho: float = 7.0, shift: float = 3.0, sigma_min: float | None = None, sigma_max: float | None = None,
+           plan: Plan | None = None, **options):
     """Sample from `model` starting at standard normal `noise` with exactly `nfe` network evaluations.
 
     spacing: a name of `uf.paths.SPACINGS` (default: the sampler's own, e.g. "logsnr" for DPM-Solver) or a
@@ -152,6 +165,7 @@ def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: Optional[
     then depends only on its own seed, whatever the batch size). cond: keyword arguments for the network.
     guidance: a classifier-free guidance scale (the model is wrapped by `uf.guidance.classifier_free`).
     progress: a tqdm bar over the steps (default: on for nfe >= 100 in a terminal).
+    plan: a `uf.samplers.Plan` kept between calls (the grid and all time-only work are then made once).
     Returns x, plus a `Trajectory` if return_trajectory, plus an info dict (nfe, steps, grid, guidance
     evaluation counts) if return_info."""
     spec = _samplers.get(sampler)
@@ -169,25 +183,19 @@ def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: Optional[
         model = classifier_free(model, guidance, **(guidance_options or {}))
     path = model.path
     t_max = float(getattr(model, "t_max", path.t_max))
-    user_grid = isinstance(spacing, (torch.Tensor, list, tuple))
-    if user_grid:
-        ts = time_grid(path, 1, spacing)
-        cost, extra = grid_cost(sampler, ts, path, options)
-        if nfe is not None and cost is not None and _check_nfe(nfe) != cost:
-            raise UnifuseError(f"this grid of {ts.numel() - 1} steps costs {cost} evaluations with sampler "
-                               f"{sampler!r}, not nfe={nfe}; pass nfe={cost} (or nfe=None) or another grid")
-        if spec.cost == "adaptive":
-            extra = {"max_nfe": nfe} if nfe is not None else {}
-        nfe = cost if cost is not None else nfe
-        prior = float(path.sigma(ts[:1])[0])
+    if isinstance(spacing, (torch.Tensor, list, tuple)):
+        ts, extra, nfe, prior = _user_grid(path, sampler, spacing, nfe, options)
     else:
         nfe = _check_nfe(spec.default_nfe if nfe is None else nfe)
         spacing = spec.spacing if spacing is None else spacing
-        zero_ok = getattr(model, "prediction", None) not in ("eps", "score")  # those are undefined at alpha = 0
+        zero_ok = defined_at_zero_snr(getattr(model, "prediction", None))  # eps and score are not (alpha = 0)
         grid_kw = dict(rho=rho, shift=shift, sigma_min=sigma_min, sigma_max=sigma_max, t_max=t_max)
         n_corrector = options.get("n_corrector", 1) if spec.cost == "pc" else None
-        key = ("uf.sample grid", sampler, nfe, spacing, rho, shift, sigma_min, sigma_max, t_max, zero_ok, n_corrector)
-        ts, extra, prior = memo(path, key, lambda: planned_grid(path, sampler, nfe, spacing, grid_kw, zero_ok, options))
+        key = ("uf.sample grid", path, sampler, nfe, spacing, rho, shift, sigma_min, sigma_max, t_max, zero_ok,
+               n_corrector)
+        plan = as_plan(plan, "uf.sample")
+        ts, extra, prior = plan.remember(key, lambda: planned_grid(path, sampler, nfe, spacing, grid_kw, zero_ok,
+                                                                   options))
         extra = {k: list(v) if isinstance(v, list) else v for k, v in extra.items()}  # own copies per call
     if progress is None:  # a bar for long runs in a terminal
         progress = (nfe or 0) >= 100 and sys.stderr.isatty()
@@ -203,7 +211,7 @@ def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: Optional[
     if hasattr(model, "reset_counts"):
         model.reset_counts()
     out = spec.fn(model, x, ts, cond=cond, noise=source, callback=record if return_trajectory else None,
-                  progress=progress, info=info, **extra, **options)
+                  progress=progress, info=info, plan=plan, **extra, **options)
     if spec.cost != "adaptive" and nfe is not None and info.get("nfe") != nfe:
         raise RuntimeError(f"internal error: sampler {sampler!r} used {info.get('nfe')} evaluations for nfe={nfe}")
     out = out.to(noise.dtype) if out.dtype != noise.dtype else out

@@ -1,33 +1,18 @@
 """Pictures of samples and samplers: image grids, trajectory GIFs, denoised-estimate grids, error-vs-NFE plots.
 
-Images are tensors [N, C, H, W] with values in [-1, 1] (C = 1 or 3). Every writer goes to a temporary
-file first and then renames it, so an interrupted run never leaves a half-written picture.
+Images are tensors [N, C, H, W] with values in [-1, 1] (C = 1 or 3). Every writer goes through
+`unifuse.io.atomic_write`, so an interrupted run never leaves a half-written picture.
 """
 from __future__ import annotations
 
 import math
-import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .errors import UnifuseError
-
-
-def _tmp_then_rename(path, write):
-    """Call write(tmp_path) and move the result onto `path` atomically."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+from .io import atomic_write
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -63,7 +48,7 @@ def _pil(grid: np.ndarray):
 def save_image_grid(images: torch.Tensor, path, nrow: int | None = None) -> str:
     """Write images [N, C, H, W] in [-1, 1] as one PNG grid; returns the path."""
     img = _pil(image_grid(images, nrow))
-    return _tmp_then_rename(path, lambda p: img.save(p, format="PNG"))
+    return atomic_write(path, lambda p: img.save(p, format="PNG"))
 
 
 def _frames(trajectory, field: str = "states") -> list:
@@ -86,7 +71,7 @@ def save_trajectory_gif(trajectory, path, nrow: int | None = None, duration_ms: 
     def write(p):
         frames[0].save(p, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
 
-    return _tmp_then_rename(path, write)
+    return atomic_write(path, write)
 
 
 def save_denoised_grid(estimates, path, max_samples: int = 8) -> str:
@@ -120,7 +105,7 @@ def save_points_gif(trajectory, path, lim: float | None = None, duration_ms: int
     def write(p):
         images[0].save(p, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
 
-    return _tmp_then_rename(path, write)
+    return atomic_write(path, write)
 
 
 def plot_error_vs_nfe(curves: Mapping[str, tuple], path, title: str = "", ylabel: str = "error") -> str:
@@ -139,7 +124,7 @@ def plot_error_vs_nfe(curves: Mapping[str, tuple], path, title: str = "", ylabel
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    out = _tmp_then_rename(path, lambda p: fig.savefig(p, format="png"))
+    out = atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
     return out
 

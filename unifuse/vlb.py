@@ -20,7 +20,7 @@ Building blocks for training losses (Improved DDPM hybrid loss): `normal_kl`,
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch.special import log_ndtr
@@ -92,7 +92,7 @@ def _clipped(path: Path, s: Tensor, t: Tensor, t_next: Tensor) -> Posterior:
     return Posterior(post.c_x0, post.c_xt, torch.where(end, nxt.var_small, post.var_small), post.var_large)
 
 
-def reverse_log_variance(path: Path, s, t, frac: Optional[Tensor] = None, variance: str = "small",
+def reverse_log_variance(path: Path, s, t, frac: Tensor | None = None, variance: str = "small",
                          t_next=None) -> Tensor:
     """log-variance of p(x_s | x_t): "small" (beta_tilde), "large" (beta) or, given `frac` (the model's
     `var_frac`, Improved DDPM eq. 15), frac log(beta) + (1 - frac) log(beta_tilde).
@@ -142,7 +142,7 @@ def vlb_term(path: Path, x: Tensor, x_t: Tensor, s, t, x0_hat: Tensor, log_var: 
     return out.mean(1) if reduce == "mean" else out.sum(1)
 
 
-def prior_kl(path: Path, x: Tensor, t=None, prior_std: Optional[float] = None, reduce: str = "sum") -> Tensor:
+def prior_kl(path: Path, x: Tensor, t=None, prior_std: float | None = None, reduce: str = "sum") -> Tensor:
     """L_prior = KL( q(x_t | x) || N(0, prior_std^2 I) ) per sample, t = t_max by default (Ho et al. L_T).
 
     prior_std defaults to `path.prior_sigma`, the std the library's samplers start from (sqrt(1 - abar_T)
@@ -197,8 +197,8 @@ def check_images(x: Tensor, what: str = "x") -> None:
 
 
 def ddpm_vlb(model, x: Tensor, *, steps=None, spacing: str = "linspace", variance: str = "small",
-             decoder: str = "discrete", clip: bool = False, prior_std: Optional[float] = None,
-             generator: Optional[torch.Generator] = None, progress: bool = False, **cond) -> VLB:
+             decoder: str = "discrete", clip: bool = False, prior_std: float | None = None,
+             generator: torch.Generator | None = None, progress: bool = False, **cond) -> VLB:
     """The variational bound (Ho et al. eq. 5) of each x, one noise draw per term, in nats per sample.
 
     model: a DiffusionModel (any prediction kind; learned variance is used when the model has it).

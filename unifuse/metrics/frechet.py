@@ -8,7 +8,6 @@ compare numbers at equal n, against `real_floor(name, n)`, the FD between n trai
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import numpy as np
 import torch
@@ -84,14 +83,14 @@ def as_model_images(samples, dataset) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
-def _subset(n_total: int, n: Optional[int], seed: int) -> torch.Tensor:
+def _subset(n_total: int, n: int | None, seed: int) -> torch.Tensor:
     if n is None or n >= n_total:
         return torch.arange(n_total)
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
 @functools.lru_cache(maxsize=8)
-def reference_features(dataset_name: str, split: str = "train", n: Optional[int] = None, seed: int = 1) -> torch.Tensor:
+def reference_features(dataset_name: str, split: str = "train", n: int | None = None, seed: int = 1) -> torch.Tensor:
     """Shipped-classifier features [n, D] of a fixed subset of a split (memoised: a pure function of the assets)."""
     data = load_dataset(dataset_name, split)
     feats, _ = classify(load_classifier(dataset_name), data.images[_subset(len(data), n, seed)])
@@ -101,8 +100,8 @@ def reference_features(dataset_name: str, split: str = "train", n: Optional[int]
 RECOGNISED = 0.9  # classifier probability at which a sample counts as a recognisable digit
 
 
-def evaluate_images(samples, dataset_name: str, n_ref: Optional[int] = None, labels=None,
-                    classifier: Optional[FeatureNet] = None, k: int = 3) -> dict:
+def evaluate_images(samples, dataset_name: str, n_ref: int | None = None, labels=None,
+                    classifier: FeatureNet | None = None, k: int = 3) -> dict:
     """fd, precision, recall (k-NN, k=3) against n_ref train images (all by default), the predicted-class
     histogram and fractions, mean classifier confidence, the samples the classifier recognises (probability >=
     RECOGNISED for one class; `recognised_hist` counts them per class), and (given the requested labels) the

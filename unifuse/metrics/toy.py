@@ -4,7 +4,7 @@ known toy density (unifuse.data.toy)."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -65,7 +65,7 @@ def cross_entropy(samples, name: str) -> dict:
                 off_support=float(1 - finite.double().mean()))
 
 
-def evaluate_toy(samples, name: str, n_ref: Optional[int] = None, seed: int = 0) -> dict:
+def evaluate_toy(samples, name: str, n_ref: int | None = None, seed: int = 0) -> dict:
     """swd, mmd against n_ref fresh samples of the true distribution (as many as given by default), their floors
     (the same distances between two independent true samples of that size), and the exact cross-entropy."""
     x = torch.as_tensor(samples).detach().to("cpu", F64)

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data import load_dataset
-from .classifier import ASSETS, CLASSIFIER_SETS, FeatureNet, asset_paths, augment, classify
+from ..io import atomic_write, write_text
+from .classifier import CLASSIFIER_SETS, FeatureNet, asset_paths, augment, classify
 
 RECIPES = {  # name -> (epochs, batch, learning rate, max shift in pixels, max rotation in radians, width)
     "digits": (60, 64, 3e-3, 1, 0.0, 24),
@@ -68,14 +69,15 @@ def save_classifier(net: FeatureNet, record: dict, name: str) -> None:
     """Write the weights (safetensors) and the JSON sidecar atomically."""
     from safetensors.torch import save_file
 
-    ASSETS.mkdir(parents=True, exist_ok=True)
     weights, sidecar = asset_paths(name)
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(weights) + ".tmp")
-    os.chmod(str(weights) + ".tmp", 0o644)
-    os.replace(str(weights) + ".tmp", weights)
-    sidecar.with_suffix(".tmp").write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(sidecar.with_suffix(".tmp"), sidecar)
+
+    def write_weights(tmp):
+        save_file(state, tmp)
+        os.chmod(tmp, 0o644)  # a package asset: readable by everyone
+
+    atomic_write(weights, write_weights)
+    write_text(sidecar, json.dumps(record, indent=2) + "\n")
 
 
 def main(argv=None) -> None:

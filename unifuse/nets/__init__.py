@@ -4,7 +4,9 @@
 
 where t [B] is the noise label `path.c_noise(t_native)` (roughly -1500..1100 across paths), class_labels a
 LongTensor [B] with -1 the null class, text [B, L, d_text] caption tokens with text_mask [B, L] (True = real token)
-or a pooled [B, d_text] embedding. Nets know nothing of paths or parameterizations.
+or a pooled [B, d_text] embedding. Nets know nothing of paths or parameterizations; the one exception is the
+noise-conditional classifier of classifier guidance (`classifier.py`, logits instead of a denoiser output), whose
+input is made path-invariant with its own path.
 
 `build_net("unet-digits", num_classes=10)` builds a preset with overrides; `build_net("unet", **net.config)`
 rebuilds any net from the `config` dict it carries (what checkpoints store, with `net.family`).
@@ -14,6 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnifuseError, choose
+from .classifier import NoisyClassifier
 from .dit import DiT
 from .mlp import MLP
 from .unet import UNet
@@ -59,4 +62,4 @@ def num_params(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
-__all__ = ["NETS", "NET_PRESETS", "TEXT_DIM", "MLP", "UNet", "DiT", "build_net", "num_params"]
+__all__ = ["NETS", "NET_PRESETS", "TEXT_DIM", "MLP", "UNet", "DiT", "NoisyClassifier", "build_net", "num_params"]

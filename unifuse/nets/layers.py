@@ -7,7 +7,6 @@ diffusion (Rombach et al. 2022, ALGORITHMS card 12).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +99,7 @@ class ConditionEmbedding(nn.Module):
         return text
 
 
-def pool_text(text: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def pool_text(text: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Masked mean of token embeddings [B, L, d] -> [B, d] (a 2-D input is returned as is)."""
     if text.ndim == 2:
         return text
@@ -143,7 +142,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.null = nn.Parameter(torch.zeros(1, 1, context_dim)) if context_dim else None
 
-    def forward(self, h: torch.Tensor, context: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """h [B, N, dim]; context [B, M, context_dim] and mask [B, M] (True = real token) for cross-attention."""
         B, N, dim = h.shape
         mask4 = None

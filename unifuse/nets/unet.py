@@ -10,7 +10,7 @@ is what makes 32x32 training fast on a CPU. `attn_resolutions` are feature-map s
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

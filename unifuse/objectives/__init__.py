@@ -2,16 +2,36 @@
 
 An objective holds only hyperparameters (EDM's `loss.py`); time densities are plain `rand_*` functions;
 weightings are functions of log-SNR; couplings pair data with noise. `get(name, **options)` builds one by
-name (the names the training configs use).
+name (the names the training configs use). `ClassifierLoss` trains the noise-conditional classifier of
+classifier guidance.
 """
 from ..errors import UnifuseError, choose
-from .consistency import ConsistencyTrainingLoss, ect_r, ict_steps, karras_sigmas, pseudo_huber
+from ..paths.grids import karras_sigmas
+from .classifier import ClassifierLoss
+from .consistency import ConsistencyTrainingLoss, ect_r, ict_steps, pseudo_huber
 from .couplings import COUPLINGS, couple
-from .losses import (TARGETS, DDPMLoss, DenoisingLoss, DSMLoss, EDMLoss, FlowMatchingLoss, HybridLoss, TrigFlowLoss,
-                     draw_noise, mean_dims)
-from .time import (TIME_DENSITIES, ImportanceSampler, rand_index, rand_log_normal, rand_logit_normal,
-                   rand_logsnr_uniform, rand_uniform)
-from .weighting import WEIGHTINGS, equivalent_x0_weight, eps_weight, loss_weight, x0_weight
+from .losses import (
+    TARGETS,
+    DDPMLoss,
+    DenoisingLoss,
+    DSMLoss,
+    EDMLoss,
+    FlowMatchingLoss,
+    HybridLoss,
+    TrigFlowLoss,
+    draw_noise,
+    mean_dims,
+)
+from .time import (
+    TIME_DENSITIES,
+    ImportanceSampler,
+    rand_index,
+    rand_log_normal,
+    rand_logit_normal,
+    rand_logsnr_uniform,
+    rand_uniform,
+)
+from .weighting import WEIGHTINGS, eps_weight, equivalent_x0_weight, loss_weight, x0_weight
 
 OBJECTIVES = {
     "ddpm": DDPMLoss,
@@ -35,7 +55,8 @@ def get(name: str, **options):
 
 
 __all__ = ["OBJECTIVES", "get", "DenoisingLoss", "DDPMLoss", "DSMLoss", "EDMLoss", "FlowMatchingLoss",
-           "TrigFlowLoss", "HybridLoss", "ConsistencyTrainingLoss", "TARGETS", "WEIGHTINGS", "TIME_DENSITIES",
+           "TrigFlowLoss", "HybridLoss", "ConsistencyTrainingLoss", "ClassifierLoss", "TARGETS",
+           "WEIGHTINGS", "TIME_DENSITIES",
            "COUPLINGS", "ImportanceSampler", "rand_uniform", "rand_index", "rand_log_normal", "rand_logit_normal",
            "rand_logsnr_uniform", "x0_weight", "eps_weight", "loss_weight", "equivalent_x0_weight", "couple",
            "pseudo_huber", "ict_steps", "karras_sigmas", "ect_r", "mean_dims", "draw_noise"]

@@ -17,12 +17,12 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from ..errors import UnifuseError, choose
 from ..model import DiffusionModel
+from ..paths.grids import karras_sigmas
 from .losses import draw_noise
 
 F64 = torch.float64
@@ -38,12 +38,6 @@ def ict_steps(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
     """iCT discretisation N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2 floor(s1/s0) + 1))."""
     k_prime = max(1, math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1)))
     return min(s0 * 2 ** (step // k_prime), s1) + 1
-
-
-def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
-    """sigma_1 < ... < sigma_n, EDM's rho-spacing (float64)."""
-    i = torch.arange(n, dtype=F64) / max(n - 1, 1)
-    return (sigma_min ** (1 / rho) + i * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
 
 
 def ect_r(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> torch.Tensor:
@@ -69,7 +63,7 @@ class ConsistencyTrainingLoss:
     schedule: str = "ect"
     P_mean: float = -1.1
     P_std: float = 2.0
-    huber_c: Optional[float] = None
+    huber_c: float | None = None
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     s0: int = 10                 # iCT
@@ -99,8 +93,8 @@ class ConsistencyTrainingLoss:
         t = torch.exp(self.P_mean + self.P_std * z).clamp(self.sigma_min, self.sigma_max)
         return t, ect_r(t, step // self.stage_every, self.q, self.k, self.b)
 
-    def __call__(self, model: DiffusionModel, x: torch.Tensor, cond: Optional[dict] = None, *, generator=None,
-                 step: int = 0, target_model: Optional[DiffusionModel] = None) -> torch.Tensor:
+    def __call__(self, model: DiffusionModel, x: torch.Tensor, cond: dict | None = None, *, generator=None,
+                 step: int = 0, target_model: DiffusionModel | None = None) -> torch.Tensor:
         cond = cond or {}
         path = model.path
         s_t, s_r = self.noise_levels(x.shape[0], step, generator, x.device)
@@ -111,9 +105,8 @@ class ConsistencyTrainingLoss:
         x_t = path.interpolate(x, noise, t).to(x.dtype)
         x_r = path.interpolate(x, noise, r).to(x.dtype)
         target_model = model if target_model is None else target_model
-        with _same_random_state(x.device):
-            with torch.no_grad():
-                target = target_model.denoise(x_r, r, **cond)
+        with _same_random_state(x.device), torch.no_grad():
+            target = target_model.denoise(x_r, r, **cond)
         zero = (s_r == 0).reshape((-1,) + (1,) * (x.ndim - 1))
         target = torch.where(zero, x.to(target.dtype), target)
         online = model.denoise(x_t, t, **cond)

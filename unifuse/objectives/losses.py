@@ -19,19 +19,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from ..errors import UnifuseError, choose
 from ..model import DiffusionModel
-from ..parameterization.convert import KINDS, from_pair
+from ..parameterization.convert import from_pair
+from ..parameterization.kinds import CONVERTIBLE, defined_at_zero_snr, noise_scaled
+from ..parameterization.weights import kind_weight
 from .couplings import couple
 from .time import TIME_DENSITIES, ImportanceSampler, logsnr_range, training_range
 from .weighting import WEIGHTINGS, loss_weight
 
 F64 = torch.float64
-TARGETS = KINDS + ("edm", "trigflow")
+TARGETS = CONVERTIBLE
 
 
 def mean_dims(x: torch.Tensor) -> torch.Tensor:
@@ -55,8 +56,8 @@ class DenoisingLoss:
     time: str = "uniform"
     mean: float = 0.0
     std: float = 1.0
-    t_lo: Optional[float] = None
-    t_hi: Optional[float] = None
+    t_lo: float | None = None
+    t_hi: float | None = None
     gamma: float = 5.0
     bias: float = 2.0
     coupling: str = "independent"
@@ -65,9 +66,11 @@ class DenoisingLoss:
         choose("target", self.target, TARGETS)
         choose("weighting", self.weighting, WEIGHTINGS + ("likelihood",))
         choose("time density", self.time, TIME_DENSITIES)
-        if self.weighting == "likelihood" and (self.target not in ("eps", "score") or self.time not in ("uniform", "logsnr_uniform")):
+        likelihood_ok = noise_scaled(self.target) and self.time in ("uniform", "logsnr_uniform")
+        if self.weighting == "likelihood" and not likelihood_ok:
             raise UnifuseError("the likelihood weighting is written for eps/score targets with time 'uniform' or "
-                               f"'logsnr_uniform' (importance sampling); got target {self.target!r}, time {self.time!r}")
+                               f"'logsnr_uniform' (importance sampling); got target {self.target!r}, "
+                               f"time {self.time!r}")
 
     # --- the pieces ---------------------------------------------------------------------------
     def sample_time(self, n: int, path, generator=None, device=None) -> torch.Tensor:
@@ -83,7 +86,7 @@ class DenoisingLoss:
         """Per-sample weight [B] (float64) on the target's MSE."""
         path = model.path
         if self.weighting != "likelihood":
-            if (self.weighting == "edm" and self.target in ("eps", "score") and c.alpha.device.type == "cpu"
+            if (self.weighting == "edm" and not defined_at_zero_snr(self.target) and c.alpha.device.type == "cpu"
                     and bool((c.alpha == 0).any())):
                 raise UnifuseError("weighting 'edm' charges x0 errors, which are infinite for an eps/score target at "
                                    "SNR = 0; use weighting 'snr', 'min_snr' or 'sigmoid', or an x0/v/velocity target")
@@ -98,7 +101,7 @@ class DenoisingLoss:
             lo, hi = training_range(path, self.t_lo, self.t_hi)
             a, s, da, ds = (v.reshape(-1).to(F64) for v in c)
             w = -(da / a - ds / s) * (hi - lo)  # 0.5 * (-d lambda/dt), lambda = 2 log(a/s)
-        return w if self.target == "eps" else w * c.sigma.reshape(-1).to(F64) ** 2
+        return kind_weight(self.target, c, model.sigma_data, None, lambda: w)  # eps or score (checked above)
 
     def errors(self, model: DiffusionModel, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: dict):
         """(coefficients at t, per-sample MSE [B] of the target kind) for one network evaluation."""
@@ -110,7 +113,7 @@ class DenoisingLoss:
         true = from_pair(self.target, xc, nc, xtc, c, model.sigma_data)
         return c, mean_dims((pred - true) ** 2)
 
-    def __call__(self, model: DiffusionModel, x: torch.Tensor, cond: Optional[dict] = None, *,
+    def __call__(self, model: DiffusionModel, x: torch.Tensor, cond: dict | None = None, *,
                  generator=None, step: int = 0) -> torch.Tensor:
         t = self.sample_time(x.shape[0], model.path, generator, x.device)
         noise = couple(self.coupling, x, draw_noise(x, generator))
@@ -131,12 +134,13 @@ class DSMLoss(DenoisingLoss):
     on eps; weighting='likelihood' gives g^2/sigma^2 (Song et al. 2021b), time='logsnr_uniform' its
     importance-sampled form."""
 
-    t_lo: Optional[float] = 1e-5
+    t_lo: float | None = 1e-5
 
 
 @dataclass(frozen=True)
 class EDMLoss(DenoisingLoss):
-    """EDM: lambda(sigma) ||D(x + sigma n) - x||^2 = ||F - F_target||^2, log sigma ~ N(-1.2, 1.2^2) (Karras et al. 2022)."""
+    """EDM: lambda(sigma) ||D(x + sigma n) - x||^2 = ||F - F_target||^2, log sigma ~ N(-1.2, 1.2^2)
+    (Karras et al. 2022)."""
 
     target: str = "edm"
     time: str = "log_normal"
@@ -177,14 +181,14 @@ class HybridLoss:
         self.timesteps = choose("timesteps", timesteps, ("uniform", "importance"))
         self.decoder = choose("decoder", decoder, ("discrete", "gaussian"))
         self.history = int(history)
-        self.sampler: Optional[ImportanceSampler] = None
+        self.sampler: ImportanceSampler | None = None
 
     def _sampler(self, path) -> ImportanceSampler:
         if self.sampler is None:
             self.sampler = ImportanceSampler(path.N, self.history)
         return self.sampler
 
-    def __call__(self, model: DiffusionModel, x: torch.Tensor, cond: Optional[dict] = None, *,
+    def __call__(self, model: DiffusionModel, x: torch.Tensor, cond: dict | None = None, *,
                  generator=None, step: int = 0) -> torch.Tensor:
         from ..vlb import reverse_log_variance, vlb_term
 

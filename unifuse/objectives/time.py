@@ -9,7 +9,6 @@ resampler (Nichol & Dhariwal 2021, section 3.3).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -32,7 +31,7 @@ def _rand(n, generator=None, device=None):
     return torch.rand(n, generator=generator, device=_where(generator, device), dtype=F64)
 
 
-def training_range(path: Path, lo: Optional[float] = None, hi: Optional[float] = None) -> tuple:
+def training_range(path: Path, lo: float | None = None, hi: float | None = None) -> tuple:
     """[lo, hi] of native training times: [t_eps, t_max] unless given (VE starts at t = 0)."""
     lo = float(path.t_eps if lo is None else lo)
     hi = float(path.t_max if hi is None else hi)
@@ -41,7 +40,7 @@ def training_range(path: Path, lo: Optional[float] = None, hi: Optional[float] =
     return lo, hi
 
 
-def rand_uniform(n: int, path: Path, lo: Optional[float] = None, hi: Optional[float] = None, *, generator=None, device=None):
+def rand_uniform(n: int, path: Path, lo: float | None = None, hi: float | None = None, *, generator=None, device=None):
     """t ~ U(lo, hi) in native time (score SDE: U(1e-5, 1); rectified flow: U(0, 1))."""
     lo, hi = training_range(path, lo, hi)
     return lo + (hi - lo) * _rand(n, generator, device)
@@ -67,19 +66,22 @@ def rand_logit_normal(n: int, path: Path, mean: float = 0.0, std: float = 1.0, *
     return path.t_from_log_snr(-2.0 * z).clamp(path.t_eps, path.t_max)
 
 
-def rand_logsnr_uniform(n: int, path: Path, lo: Optional[float] = None, hi: Optional[float] = None,
-                        *, generator=None, device=None, clip: float = 20.0):
-    """lambda ~ U(lambda(hi), lambda(lo)): importance sampling for the likelihood weighting (Song et al. 2021b)."""
+def rand_logsnr_uniform(n: int, path: Path, lo: float | None = None, hi: float | None = None,
+                        *, generator=None, device=None, clip=20.0):
+    """lambda ~ U(lambda(hi), lambda(lo)): importance sampling for the likelihood weighting (Song et al. 2021b),
+    and the noise levels of a noise-conditional classifier (clip: a bound, or the pair (lam_min, lam_max))."""
     lam_lo, lam_hi = logsnr_range(path, lo, hi, clip)
     lam = lam_lo + (lam_hi - lam_lo) * _rand(n, generator, device)
     return path.t_from_log_snr(lam)
 
 
-def logsnr_range(path: Path, lo=None, hi=None, clip: float = 20.0) -> tuple:
-    """(lambda at hi, lambda at lo), clipped to [-clip, clip] where the path reaches SNR 0 or infinity."""
+def logsnr_range(path: Path, lo=None, hi=None, clip=20.0) -> tuple:
+    """(lambda at hi, lambda at lo), clipped to [-clip, clip] (or to clip = (lam_min, lam_max)), e.g. where the
+    path reaches SNR 0 or infinity."""
     lo, hi = training_range(path, lo, hi)
-    lam_hi = float(path.log_snr(torch.tensor(lo, dtype=F64)).clamp(-clip, clip))
-    lam_lo = float(path.log_snr(torch.tensor(hi, dtype=F64)).clamp(-clip, clip))
+    bounds = clip if isinstance(clip, (tuple, list)) else (-clip, clip)
+    lam_hi = float(path.log_snr(torch.tensor(lo, dtype=F64)).clamp(*bounds))
+    lam_lo = float(path.log_snr(torch.tensor(hi, dtype=F64)).clamp(*bounds))
     return lam_lo, lam_hi
 
 

@@ -3,7 +3,7 @@
 Every regression loss is `w_x0(lambda) ||x0_hat - x0||^2` (NOTATION 6.5). A weighting names w_x0; the
 loss is then computed in the space of its target (eps, v, velocity, EDM's F, ...) with the weight
 `w_x0 / k`, where k is the x0-weight that unit weight on that target already carries
-(`equivalent_x0_weight`). Written this way, no weighting divides by SNR:
+(`parameterization.weights.equivalent_x0_weight`). Written this way, no weighting divides by SNR:
 
     uniform   1 on the target's own MSE (no reweighting: L_simple, flow matching, EDM's unit F loss)
     snr       w_x0 = SNR                    (= uniform eps-MSE)
@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import UnifuseError, choose
-from ..parameterization.convert import Coefficients, from_pair
+from ..parameterization.convert import Coefficients
+from ..parameterization.weights import equivalent_x0_weight, kind_weight, target_coefficients
 from ..paths.base import Path
 
 WEIGHTINGS = ("uniform", "snr", "min_snr", "edm", "sigmoid")
@@ -57,22 +58,6 @@ def eps_weight(name: str, lam: torch.Tensor, *, gamma: float = 5.0, sigma_data: 
     choose("weighting", name, WEIGHTINGS)
 
 
-def target_coefficients(kind: str, c: Coefficients, sigma_data: float = 0.5):
-    """(A, B) with target = A x0 + B eps + C x_t for a prediction kind (the conversions are affine)."""
-    one, zero = torch.ones_like(c.alpha), torch.zeros_like(c.alpha)
-    A = from_pair(kind, one, zero, zero, c, sigma_data)
-    B = from_pair(kind, zero, one, zero, c, sigma_data)
-    return A, B
-
-
-def equivalent_x0_weight(kind: str, c: Coefficients, sigma_data: float = 0.5):
-    """k with ||target_hat - target||^2 = k ||x0_hat - x0||^2 at fixed x_t (NOTATION 6.5): eps -> SNR,
-    v -> ((alpha^2 + sigma^2)/sigma)^2, RF velocity -> 1/t^2, EDM/TrigFlow F -> 1/c_out^2."""
-    A, B = target_coefficients(kind, c, sigma_data)
-    # At fixed x_t, d eps / d x0 = -alpha / sigma.
-    return (A - B * c.alpha / c.sigma) ** 2
-
-
 def loss_weight(name: str, kind: str, path: Path, t: torch.Tensor, c: Coefficients, *, sigma_data: float = 0.5,
                 gamma: float = 5.0, bias: float = 2.0) -> torch.Tensor:
     """Weight [B] on the per-sample MSE of target `kind` that realises weighting `name` (float64)."""
@@ -81,14 +66,7 @@ def loss_weight(name: str, kind: str, path: Path, t: torch.Tensor, c: Coefficien
         return torch.ones_like(t, dtype=F64)
     lam = path.log_snr(t.to(F64))
     hp = dict(gamma=gamma, sigma_data=sigma_data, bias=bias)
-    if kind == "eps":
-        return eps_weight(name, lam, **hp)
-    if kind == "score":
-        return eps_weight(name, lam, **hp) * c.sigma.reshape(-1).to(F64) ** 2
-    if kind == "x0":
-        return x0_weight(name, lam, **hp)
-    k = equivalent_x0_weight(kind, c, sigma_data).reshape(-1).to(F64)
-    return x0_weight(name, lam, **hp) / k
+    return kind_weight(kind, c, sigma_data, lambda: x0_weight(name, lam, **hp), lambda: eps_weight(name, lam, **hp))
 
 
 __all__ = ["WEIGHTINGS", "x0_weight", "eps_weight", "equivalent_x0_weight", "target_coefficients", "loss_weight"]

@@ -25,6 +25,9 @@ from ..paths.base import Path, as_time, broadcast
 
 KINDS = ("eps", "x0", "v", "score", "velocity")
 PRECONDITIONED = ("edm", "trigflow", "consistency")
+CONVERTIBLE = KINDS + ("edm", "trigflow")  # the kinds to_pair reads and from_pair writes
+VELOCITY_SINGULAR = ("velocity is singular where the path's derivative is infinite (e.g. VP at t = 0); "
+                     "evaluate at t > t_min")
 
 
 class Coefficients(NamedTuple):
@@ -62,21 +65,24 @@ def validate(kind: str, c: Coefficients) -> None:
     """Raise the clear error where converting a `kind` prediction to the pair is singular at c."""
     a, s, da, ds = c
     if kind == "eps":
-        _require(a > 0, "eps-prediction cannot give x0 where alpha = 0 (pure noise); use v, x0 or velocity prediction, or start sampling below the noise end")
+        _require(a > 0, "eps-prediction cannot give x0 where alpha = 0 (pure noise); use v, x0 or velocity "
+                        "prediction, or start sampling below the noise end")
     elif kind == "x0":
         _require(s > 0, "x0-prediction cannot give eps where sigma = 0 (clean data); evaluate at t > t_min")
     elif kind == "score":
-        _require((a > 0) & (s > 0), "a score is defined only where 0 < alpha and 0 < sigma; evaluate strictly inside the path")
+        _require((a > 0) & (s > 0),
+                 "a score is defined only where 0 < alpha and 0 < sigma; evaluate strictly inside the path")
     elif kind == "velocity":
-        _require(torch.isfinite(da) & torch.isfinite(ds), "velocity is singular where the path's derivative is infinite (e.g. VP at t = 0); evaluate at t > t_min")
+        _require(torch.isfinite(da) & torch.isfinite(ds), VELOCITY_SINGULAR)
     elif kind in ("edm", "trigflow"):
         _require(s > 0, "eps is undefined at sigma = 0 (clean data); evaluate at t > t_min")
 
 
-def to_pair(kind: str, out: torch.Tensor, x_t: torch.Tensor, c: Coefficients, sigma_data: float = 0.5, check: bool = True):
+def to_pair(kind: str, out: torch.Tensor, x_t: torch.Tensor, c: Coefficients, sigma_data: float = 0.5,
+            check: bool = True):
     """(x0_hat, eps_hat) from a prediction of the given kind (`check=False`: c was validated already)."""
-    if kind not in KINDS + ("edm", "trigflow"):
-        choose("prediction kind", kind, KINDS + ("edm", "trigflow"))
+    if kind not in CONVERTIBLE:
+        choose("prediction kind", kind, CONVERTIBLE)
     if check:
         validate(kind, c)
     a, s, da, ds = c
@@ -97,7 +103,8 @@ def to_pair(kind: str, out: torch.Tensor, x_t: torch.Tensor, c: Coefficients, si
     return x0, (x_t - a * x0) / s
 
 
-def from_pair(kind: str, x0: torch.Tensor, eps: torch.Tensor, x_t: torch.Tensor, c: Coefficients, sigma_data: float = 0.5):
+def from_pair(kind: str, x0: torch.Tensor, eps: torch.Tensor, x_t: torch.Tensor, c: Coefficients,
+              sigma_data: float = 0.5):
     """A prediction of the given kind from the pair (x0_hat, eps_hat)."""
     a, s, da, ds = c
     if kind == "eps":
@@ -110,14 +117,14 @@ def from_pair(kind: str, x0: torch.Tensor, eps: torch.Tensor, x_t: torch.Tensor,
         _require(s > 0, "the score is infinite at sigma = 0 (clean data); evaluate at t > t_min")
         return -eps / s
     if kind == "velocity":
-        _require(torch.isfinite(da) & torch.isfinite(ds), "velocity is singular where the path's derivative is infinite (e.g. VP at t = 0); evaluate at t > t_min")
+        _require(torch.isfinite(da) & torch.isfinite(ds), VELOCITY_SINGULAR)
         return da * x0 + ds * eps
     if kind in ("edm", "trigflow"):
         c_skip, c_out = _edm_scalings(c, sigma_data)
         _require(c_out > 0, "the preconditioned output F is undefined at sigma = 0; evaluate at t > t_min")
         F = (x0 - c_skip * x_t) / c_out
         return F if kind == "edm" else -F
-    choose("prediction kind", kind, KINDS + ("edm", "trigflow"))
+    choose("prediction kind", kind, CONVERTIBLE)
 
 
 def convert(out: torch.Tensor, src: str, dst: str, x_t: torch.Tensor, c: Coefficients, sigma_data: float = 0.5):

@@ -117,6 +117,16 @@ class Path:
         return f"{type(self).__name__}({self.name})"
 
 
+def equal_log_snr(path: Path, source: Path, t, alpha=None, sigma=None) -> tuple:
+    """(t_source, scale): the time on `source` with the log-SNR of `path` at t, and the factor
+    |(alpha_source, sigma_source)| / |(alpha, sigma)| taking x_t on `path` to x on `source` (NOTATION 5).
+    alpha, sigma: `path`'s coefficients at t when already known."""
+    t_src = source.t_from_log_snr(path.log_snr(t))
+    a, s = (path.alpha(t), path.sigma(t)) if alpha is None else (alpha, sigma)
+    a_src, s_src = source.alpha(t_src), source.sigma(t_src)
+    return t_src, torch.sqrt((a_src**2 + s_src**2) / (a**2 + s**2))
+
+
 def broadcast(coef: Tensor, x: Tensor) -> Tensor:
     """Shape a [] or [batch] coefficient to broadcast against x, in x's dtype and device."""
     coef = coef.to(device=x.device, dtype=x.dtype if x.is_floating_point() else coef.dtype)

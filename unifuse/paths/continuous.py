@@ -43,11 +43,11 @@ class VP(_VariancePreserving):
     name = "vp-linear"
 
     @classmethod
-    def linear(cls, beta_min: float = 0.1, beta_max: float = 20.0) -> "VP":
+    def linear(cls, beta_min: float = 0.1, beta_max: float = 20.0) -> VP:
         return cls(beta_min, beta_max)
 
     @classmethod
-    def cosine(cls, s: float = 0.008) -> "VPCosine":
+    def cosine(cls, s: float = 0.008) -> VPCosine:
         return VPCosine(s)
 
     def beta(self, t):

@@ -73,7 +73,7 @@ class DDPM(Path):
         path = cls(betas, "ddpm-scaled-linear")
         return path.zero_terminal_snr() if zero_terminal_snr else path
 
-    def zero_terminal_snr(self) -> "DDPM":
+    def zero_terminal_snr(self) -> DDPM:
         """Lin et al. (2023) rescaling: shift and scale sqrt(abar) so the last step is pure noise,
         keeping the first step unchanged (ALGORITHMS card 4). Use v, x0 or velocity prediction."""
         a = self.alphas_cumprod.sqrt()

@@ -8,7 +8,7 @@ Spacings:
   uniform   uniform in native time from t_max to t_eps (DPM-Solver "time_uniform")
   leading, trailing, linspace   the DDPM/DDIM index conventions of diffusers (Lin et al. 2023),
             on the path's own table for DDPM paths, else on a virtual 1000-step index of native time
-  karras    EDM's rho-schedule in sigma_edm = sigma/alpha (rho = 7)
+  karras    EDM's rho-schedule in sigma_edm = sigma/alpha (rho = 7; `rho_ramp`, also iCT's `karras_sigmas`)
   logsnr    uniform in log-SNR
   shift     rectified-flow time shift t' = shift t / (1 + (shift - 1) t) of a uniform grid in the
             equal-SNR rectified-flow time (SD3; shift = 3)
@@ -27,6 +27,16 @@ from .ddpm import DDPM
 
 SPACINGS = ("uniform", "leading", "trailing", "linspace", "karras", "logsnr", "shift")
 F64 = torch.float64
+
+
+def rho_ramp(start: float, end: float, ramp: torch.Tensor, rho: float = 7.0) -> torch.Tensor:
+    """EDM's rho-spacing (Karras et al. 2022, eq. 5): (start^(1/rho) + ramp (end^(1/rho) - start^(1/rho)))^rho."""
+    return (start ** (1 / rho) + ramp * (end ** (1 / rho) - start ** (1 / rho))) ** rho
+
+
+def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """sigma_1 < ... < sigma_n, EDM's rho-spacing (float64)."""
+    return rho_ramp(sigma_min, sigma_max, torch.arange(n, dtype=F64) / max(n - 1, 1), rho)
 
 
 def _edm_range(path: Path, sigma_min: float | None, sigma_max: float | None, t_max: float | None):
@@ -55,7 +65,7 @@ def time_grid(path: Path, steps: int, spacing="uniform", *, rho: float = 7.0, sh
               sigma_min: float | None = None, sigma_max: float | None = None, t_max: float | None = None,
               steps_offset: int = 0, device=None) -> torch.Tensor:
     """Descending native times t_0 > ... > t_steps = path.t_min for `steps` sampler steps."""
-    if isinstance(spacing, torch.Tensor) or isinstance(spacing, (list, tuple)):
+    if isinstance(spacing, (torch.Tensor, list, tuple)):
         return user_grid(path, spacing, device)
     if not isinstance(steps, int) or steps < 1:
         raise UnifuseError(f"steps must be a positive integer, got {steps!r}")
@@ -75,9 +85,7 @@ def time_grid(path: Path, steps: int, spacing="uniform", *, rho: float = 7.0, sh
         return _finish(path, ts, device)
     elif spacing == "karras":
         lo, hi = _edm_range(path, sigma_min, sigma_max, t_max)
-        ramp = torch.linspace(0, 1, steps, dtype=F64)
-        s = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-        ts = path.t_from_sigma_edm(s)
+        ts = path.t_from_sigma_edm(rho_ramp(hi, lo, torch.linspace(0, 1, steps, dtype=F64), rho))
         n_pts = steps
     elif spacing == "logsnr":
         lo, hi = _edm_range(path, sigma_min, sigma_max, t_max)

@@ -6,21 +6,35 @@
 state at t_0. Every sampler works with every path and every prediction kind: it only reads the pair
 (x0_hat, eps_hat) from `model.evaluate` (one call = one network evaluation). `SAMPLERS` maps each public
 name to its function and its cost rule (how an NFE budget becomes a grid); `uf.sample` is the convenience
-that builds the grid from `nfe` and `spacing`.
+that builds the grid from `nfe` and `spacing`. Every sampler and `uf.sample` take `plan=`, a `Plan` the caller
+keeps so that repeated calls do their time-only set-up once (`plan`). The one-step functions `step_*` (`steps`)
+take one step from s to t, with a time per sample if wanted (e.g. a distillation teacher's step).
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from ..errors import choose
-from .ancestral import sample_ddim, sample_ddpm, step_ddim, step_ddpm
-from .base import GaussianStep, NoiseSource, Schedule, randn, schedule
+from .ancestral import sample_ddim, sample_ddpm
+from .base import NoiseSource, randn
 from .consistency import sample_consistency
-from .multistep import (sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_ipndm, sample_unipc,
-                        step_dpmpp_sde)
+from .multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_ipndm, sample_unipc
 from .ode import sample_adaptive, sample_edm_stochastic, sample_euler, sample_heun, sample_midpoint
-from .sde import sample_euler_maruyama, sample_pc, step_euler_maruyama, step_langevin
+from .plan import Plan, Schedule, schedule
+from .sde import sample_euler_maruyama, sample_pc
 from .singlestep import sample_dpm_solver_1, sample_dpm_solver_2, sample_dpm_solver_3, sample_dpmpp_2s
+from .steps import (
+    GaussianStep,
+    step_ddim,
+    step_ddpm,
+    step_dpmpp_2m,
+    step_dpmpp_sde,
+    step_euler,
+    step_euler_maruyama,
+    step_heun,
+    step_langevin,
+)
 
 
 class Sampler(NamedTuple):
@@ -80,9 +94,11 @@ def get(name: str) -> Sampler:
     return SAMPLERS[choose("sampler", name, SAMPLERS)]
 
 
-__all__ = ["SAMPLERS", "Sampler", "available", "get", "GaussianStep", "NoiseSource", "Schedule", "schedule", "randn",
+__all__ = ["SAMPLERS", "Sampler", "available", "get", "Plan", "GaussianStep", "NoiseSource", "Schedule", "schedule",
+           "randn",
            "sample_ddpm", "sample_ddim", "sample_euler", "sample_heun", "sample_edm_stochastic", "sample_dpm_solver_1",
            "sample_dpm_solver_2", "sample_dpm_solver_3", "sample_dpmpp_2s", "sample_dpmpp_2m", "sample_dpmpp_3m",
            "sample_dpmpp_2m_sde", "sample_unipc", "sample_ipndm", "sample_euler_maruyama", "sample_pc",
            "sample_midpoint", "sample_consistency", "sample_adaptive",
-           "step_ddim", "step_ddpm", "step_dpmpp_sde", "step_euler_maruyama", "step_langevin"]
+           "step_euler", "step_heun", "step_ddim", "step_dpmpp_2m", "step_ddpm", "step_dpmpp_sde",
+           "step_euler_maruyama", "step_langevin"]

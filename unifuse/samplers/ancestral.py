@@ -17,7 +17,8 @@ import math
 import torch
 
 from ..errors import UnifuseError, choose
-from .base import GaussianStep, coefs_at, linear, remember, setup
+from .base import linear, setup
+from .plan import remember
 
 VARIANCES = ("small", "large", "learned")
 
@@ -44,7 +45,7 @@ def ddpm_coefficients(a_s, s_s, l_s, a_t, s_t, l_t):
     return (s_t / s_s) * math.exp(-h), a_t * one_m, s_t * s_t * one_m, s_s * s_s * one_m
 
 
-def _check_eta(eta):
+def check_eta(eta):
     try:
         eta = float(eta)
     except (TypeError, ValueError):
@@ -54,10 +55,11 @@ def _check_eta(eta):
     return eta
 
 
-def sample_ddim(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, eta: float = 0.0):
+def sample_ddim(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, plan=None,
+                eta: float = 0.0):
     """DDIM (eta = 0: first-order exponential integrator = DPM-Solver-1; eta = 1: DDPM ancestral)."""
-    eta = _check_eta(eta)
-    ev, sch, x, rng = setup("ddim", model, x, ts, cond, noise, callback, progress, info)
+    eta = check_eta(eta)
+    ev, sch, x, rng = setup("ddim", model, x, ts, cond, noise, callback, progress, info, plan=plan)
     K = len(sch.t) - 1
     coefs = remember(ev.constants, ("ddim", eta), lambda: [  # kept with the grid's schedule (see `setup`)
         ddim_coefficients(sch.alpha[i], sch.sigma[i], sch.lam[i], sch.alpha[i + 1], sch.sigma[i + 1],
@@ -73,9 +75,9 @@ def sample_ddim(model, x, ts, *, cond=None, noise=None, callback=None, progress=
     return ev.finish(x)
 
 
-def _ddpm_std(coef, var_frac, variance, clip_small):
+def ddpm_std(coef, var_frac, variance, clip_small):
     """Per-step std: a float for the fixed variances, a tensor for the learned one."""
-    c_x, c_0, v_small, v_large = coef
+    _, _, v_small, v_large = coef
     if variance == "small":
         return math.sqrt(v_small)
     if variance == "large":
@@ -87,11 +89,11 @@ def _ddpm_std(coef, var_frac, variance, clip_small):
     return torch.exp(0.5 * (lo + var_frac * (hi - lo)))
 
 
-def sample_ddpm(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None,
+def sample_ddpm(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, plan=None,
                 variance: str = "small"):
     """DDPM ancestral sampling along the grid: posterior mean of x0_hat plus fixed or learned noise."""
     choose("DDPM variance", variance, VARIANCES)
-    ev, sch, x, rng = setup("ddpm", model, x, ts, cond, noise, callback, progress, info)
+    ev, sch, x, rng = setup("ddpm", model, x, ts, cond, noise, callback, progress, info, plan=plan)
     K = len(sch.t) - 1
     coefs = [ddpm_coefficients(sch.alpha[i], sch.sigma[i], sch.lam[i], sch.alpha[i + 1], sch.sigma[i + 1],
                                sch.lam[i + 1]) for i in range(K)]
@@ -104,31 +106,7 @@ def sample_ddpm(model, x, ts, *, cond=None, noise=None, callback=None, progress=
             x = e.x0
         else:
             x = linear(x, c_x, [(c_0, e.x0)])
-            std = _ddpm_std(coefs[i], e.var_frac, variance, clip[i])
+            std = ddpm_std(coefs[i], e.var_frac, variance, clip[i])
             x = x.add_(rng(x), alpha=std) if isinstance(std, float) else x.add_(std * rng(x))
         ev.done(i, sch.t[i + 1], x, e.x0)
     return ev.finish(x)
-
-
-# --- one-step functions: the Gaussian transition of a stochastic step (DESIGN rule 6) ----------------------
-def step_ddim(model, x, s, t, *, eta: float = 1.0, cond=None) -> GaussianStep:
-    """One DDIM step from s to t as a Gaussian: mean and std (eta = 1: the DDPM posterior step)."""
-    eta = _check_eta(eta)
-    a_s, s_s, _, _, l_s = coefs_at(model.path, s)
-    a_t, s_t, _, _, l_t = coefs_at(model.path, t)
-    c_x, c_0, std = ddim_coefficients(a_s, s_s, l_s, a_t, s_t, l_t, eta)
-    e = model.evaluate(x, torch.as_tensor(s, dtype=torch.float64), **(cond or {}))
-    xs = x.to(e.x0.dtype)
-    return GaussianStep(xs * c_x + e.x0 * c_0, std)
-
-
-def step_ddpm(model, x, s, t, *, variance: str = "small", cond=None) -> GaussianStep:
-    """One DDPM ancestral step from s to t as a Gaussian (fixed small/large or learned variance)."""
-    choose("DDPM variance", variance, VARIANCES)
-    a_s, s_s, _, _, l_s = coefs_at(model.path, s)
-    a_t, s_t, _, _, l_t = coefs_at(model.path, t)
-    coef = ddpm_coefficients(a_s, s_s, l_s, a_t, s_t, l_t)
-    e = model.evaluate(x, torch.as_tensor(s, dtype=torch.float64), **(cond or {}))
-    xs = x.to(e.x0.dtype)
-    std = 0.0 if s_t == 0.0 else _ddpm_std(coef, e.var_frac, variance, 1e-300)
-    return GaussianStep(xs * coef[0] + e.x0 * coef[1], std)

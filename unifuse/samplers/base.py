@@ -6,52 +6,28 @@ A sampler is a plain function
 
 over an explicit float64 time grid `ts` (t_0 > t_1 > ...; `x` is the state at t_0). When the grid ends on
 the data end (sigma = 0) the last step returns the denoised estimate of the current point. All step
-coefficients are computed from the float64 grid on the CPU before the loop (`Schedule`), so the loop only
-multiplies and adds tensors by Python floats: no host-device sync and no schedule arithmetic in the model's
-dtype. Randomness comes from a `NoiseSource`, one stream per sample, so sample i depends only on its seed.
+coefficients are computed from the float64 grid on the CPU before the loop (`Schedule`, in the call's
+`plan.Plan`), so the loop only multiplies and adds tensors by Python floats: no host-device sync and no
+schedule arithmetic in the model's dtype. Randomness comes from a `NoiseSource`, one stream per sample, so
+sample i depends only on its seed.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import UnifuseError
-from ..model import DiffusionModel, Evaluation
+from ..model import Evaluation
+from .plan import Schedule, as_plan, check_grid, evaluate_prepared, preparable, prepare_grid, schedule
 
 F64 = torch.float64
 INF = math.inf
 
 
-# --- the grid's coefficients ------------------------------------------------------------------------
-class Schedule(NamedTuple):
-    """alpha, sigma, their time derivatives and the half log-SNR lambda = log(alpha/sigma) at each grid
-    time, as Python floats (float64); lambda is -inf where alpha = 0 and +inf where sigma = 0."""
-
-    t: list
-    alpha: list
-    sigma: list
-    d_alpha: list
-    d_sigma: list
-    lam: list
-
-    @property
-    def ends_on_data(self) -> bool:
-        return self.sigma[-1] == 0.0
-
-
-def schedule(path, ts, tensors: bool = False):
-    """The float64 coefficients of `path` at the times `ts` (computed once, on the CPU); with tensors=True
-    also the (alpha, sigma, d_alpha, d_sigma) tensors themselves."""
-    ts = torch.as_tensor(ts, dtype=F64).cpu().flatten()
-    a, s, da, ds = coef = path.coefficients(ts)
-    lam = torch.log(a) - torch.log(s)  # exact to rounding (a difference of logs); +inf at sigma = 0, -inf at alpha = 0
-    sch = Schedule(*(v.tolist() for v in (ts, a, s, da, ds, lam)))
-    return (sch, coef) if tensors else sch
-
-
+# --- one time's coefficients ------------------------------------------------------------------------------
 def t_at_lambda(path, lam: float) -> float:
     """Native time at half log-SNR lam (the inverse used for intermediate stages)."""
     return float(path.t_from_log_snr(torch.tensor(2.0 * lam, dtype=F64)))
@@ -61,72 +37,6 @@ def coefs_at(path, t: float):
     """(alpha, sigma, d_alpha, d_sigma, lambda) at one time, Python floats."""
     sch = schedule(path, [t])
     return sch.alpha[0], sch.sigma[0], sch.d_alpha[0], sch.d_sigma[0], sch.lam[0]
-
-
-def check_grid(ts) -> torch.Tensor:
-    """A float64 CPU grid that decreases strictly (one clear error otherwise)."""
-    ts = torch.as_tensor(ts, dtype=F64).cpu().flatten()
-    if ts.numel() < 2:
-        raise UnifuseError(f"a sampler needs a grid of at least 2 times (start and end), got {ts.tolist()}")
-    d = ts[1:] - ts[:-1]
-    if not bool((d < 0).all()):
-        k = int(torch.nonzero(d >= 0)[0])
-        raise UnifuseError(f"time grid must decrease strictly; t[{k}]={float(ts[k])} -> t[{k + 1}]={float(ts[k + 1])}")
-    return ts
-
-
-# --- set-up work kept per object: a second call with the same settings does none of it ---------------
-MEMO_ATTR, MEMO_SIZE = "_unifuse_sampling_memo", 16
-
-
-def remember(table: dict, key, make: Callable, size: int = MEMO_SIZE, keep: Optional[Callable] = None):
-    """table[key], made by make() on a miss; at most `size` keys (the oldest dropped first). An unhashable
-    key, or a value for which keep(value) is false, is not kept. Values are shared between calls: callers
-    never modify them."""
-    try:
-        return table[key]
-    except KeyError:
-        pass
-    except TypeError:  # an unhashable setting (e.g. a list): compute, do not cache
-        return make()
-    value = make()
-    if keep is not None and not keep(value):
-        return value
-    while len(table) >= size:
-        table.pop(next(iter(table)), None)
-    table[key] = value
-    return value
-
-
-def memo(owner, key, make: Callable, keep: Optional[Callable] = None):
-    """`remember` in a table kept on `owner` (a path or a model): it lives and dies with that object, so
-    nothing is shared between unrelated objects, and a model given another path misses (keys name it)."""
-    table = getattr(owner, "__dict__", None)
-    if table is None:
-        return make()
-    return remember(table.setdefault(MEMO_ATTR, {}), key, make, keep=keep)
-
-
-class GridPlan(NamedTuple):
-    """The time-only work of one grid on one path: the checked grid, its `Schedule`, the coefficient
-    tensors, and a table for sampler-specific per-grid constants (e.g. DDIM's step coefficients)."""
-
-    ts: torch.Tensor
-    sch: Schedule
-    coef: tuple
-    constants: dict
-
-
-def grid_plan(path, ts) -> GridPlan:
-    """`check_grid` and `schedule` of ts on path, computed once per (path, grid) (see `memo`)."""
-    ts = torch.as_tensor(ts, dtype=F64).detach().cpu().flatten()
-
-    def make():
-        checked = check_grid(ts)
-        sch, coef = schedule(path, checked, tensors=True)
-        return GridPlan(checked, sch, coef, {})
-
-    return memo(path, ("grid plan", ts.numpy().tobytes()), make)
 
 
 # --- exponential-integrator weights -------------------------------------------------------------------
@@ -157,7 +67,7 @@ class NoiseSource:
     large batches of small samples a single torch.Generator is much faster.
     """
 
-    def __init__(self, generator=None, batch: Optional[int] = None):
+    def __init__(self, generator=None, batch: int | None = None):
         self.per_sample = None
         self.single = None
         if generator is None:
@@ -211,33 +121,6 @@ def as_noise_source(noise, batch: int) -> NoiseSource:
     return noise if isinstance(noise, NoiseSource) else NoiseSource(noise, batch)
 
 
-# --- Gaussian transitions (for reward fine-tuning and likelihood diagnostics) -------------------------
-class GaussianStep(NamedTuple):
-    """One stochastic step x_next ~ N(mean, std^2), std a float or a tensor broadcasting against mean."""
-
-    mean: torch.Tensor
-    std: object
-
-    def sample(self, noise: torch.Tensor) -> torch.Tensor:
-        """mean + std * noise (noise standard normal, shaped like mean)."""
-        if isinstance(self.std, float):
-            return self.mean if self.std == 0.0 else self.mean.add(noise.to(self.mean.dtype), alpha=self.std)
-        return self.mean + self.std * noise.to(self.mean.dtype)
-
-    def log_prob(self, x_next: torch.Tensor) -> torch.Tensor:
-        """log N(x_next; mean, std^2) summed over all but the batch dimension -> [batch]."""
-        std = self.std
-        if isinstance(std, float):
-            if std == 0.0:
-                raise UnifuseError("this step is deterministic (std = 0, e.g. the final step to the data); "
-                                   "it has no density")
-            std = torch.tensor(std, dtype=self.mean.dtype, device=self.mean.device)
-        d = (x_next.to(self.mean.dtype) - self.mean) / std
-        lp = -0.5 * d * d - torch.log(std) - 0.5 * math.log(2 * math.pi)
-        lp = lp.expand_as(self.mean) if lp.shape != self.mean.shape else lp
-        return lp.reshape(lp.shape[0], -1).sum(1)
-
-
 # --- the evaluator: one call = one network evaluation ---------------------------------------------------
 def state_dtype(x: torch.Tensor) -> torch.dtype:
     """Samplers keep their state in float32 at least (float64 when given float64)."""
@@ -245,10 +128,11 @@ def state_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class Evaluator:
-    """Calls `model.evaluate` (one call = one NFE), reusing the time-only work per grid time, checking
-    for non-finite states, driving the progress bar and the per-step callback."""
+    """Evaluates the model (one call = one NFE) from the plan's prepared network inputs where it can
+    (`plan.preparable`), else through `model.evaluate`; checks for non-finite states, drives the progress bar
+    and the per-step callback."""
 
-    def __init__(self, model, x: torch.Tensor, cond=None, callback: Optional[Callable] = None,
+    def __init__(self, model, x: torch.Tensor, cond=None, callback: Callable | None = None,
                  name: str = "sampler", progress: bool = False, check_finite: bool = True, info=None):
         if not hasattr(model, "evaluate") or not hasattr(model, "path"):
             raise UnifuseError("samplers need a uf.DiffusionModel (with .evaluate and .path), "
@@ -256,7 +140,7 @@ class Evaluator:
         self.model, self.cond, self.callback, self.name = model, dict(cond or {}), callback, name
         self.in_dtype = x.dtype
         self.like = x.new_zeros(()).expand(x.shape)  # x's shape, dtype and device without holding its memory
-        self.fast = type(model).evaluate is DiffusionModel.evaluate and hasattr(model, "prepare_grid")
+        self.fast = preparable(model)  # evaluated from prepared network inputs (else through model.evaluate)
         self.cache, self.pending = {}, []
         self.nfe = 0
         self.step, self.n_steps, self.t = 0, 0, None
@@ -280,7 +164,7 @@ class Evaluator:
         times = list(dict.fromkeys(t for t in self.pending if t not in self.cache))
         self.pending = []
         if times:
-            self.cache.update(zip(times, self.model.prepare_grid(torch.tensor(times, dtype=F64), self.like)))
+            self.cache.update(zip(times, prepare_grid(self.model, torch.tensor(times, dtype=F64), self.like)))
 
     def __call__(self, x: torch.Tensor, t: float) -> Evaluation:
         """x0_hat and eps_hat at (x, t); t is a Python float (a grid or stage time)."""
@@ -294,7 +178,7 @@ class Evaluator:
                     self.pending.append(t)
                     self._flush()
                     prepared = self.cache[t]
-                return self.model.evaluate_prepared(xin, prepared, **self.cond)
+                return evaluate_prepared(self.model, xin, prepared, **self.cond)
             return self.model.evaluate(xin, torch.tensor(t, dtype=F64), **self.cond)
         except UnifuseError as err:
             raise UnifuseError(f"{self.name} at step {self.step} (t = {t:.6g}): {err}") from None
@@ -320,7 +204,7 @@ class Evaluator:
                 self.bar.close()
                 self.bar = None
 
-    def done(self, i: int, t: float, x: torch.Tensor, denoised: Optional[torch.Tensor] = None) -> None:
+    def done(self, i: int, t: float, x: torch.Tensor, denoised: torch.Tensor | None = None) -> None:
         """After step i (ending at time t): finite check, progress, callback."""
         if self.check_finite:
             s = (x.detach() if x.requires_grad else x).sum()  # one reduction: NaN or inf anywhere makes it non-finite
@@ -357,44 +241,21 @@ class Evaluator:
                            "velocity) or start below the noise end")
 
 
-def _no_grad(prepared: dict) -> bool:
-    """Prepared evaluations that carry no autograd graph (a time input with parameters makes one per call)."""
-    return not any(isinstance(v, torch.Tensor) and v.requires_grad
-                   for p in prepared.values() if p is not None for v in _leaves(p))
-
-
-def _leaves(p):
-    for v in p:
-        if isinstance(v, tuple):
-            yield from _leaves(v)
-        else:
-            yield v
-
-
-def setup(name, model, x, ts, cond, noise, callback, progress, info=None, check_finite=True):
-    """(evaluator, schedule, state, noise source) for one sampling call; all time-only work done here, and
-    kept (`memo`) on the path (grid, schedule) and on the model (its prepared evaluations), so a second call
-    with the same grid, model settings, batch size, dtype and device repeats none of it.
+def setup(name, model, x, ts, cond, noise, callback, progress, info=None, check_finite=True, plan=None):
+    """(evaluator, schedule, state, noise source) for one sampling call; all time-only work is done here, in
+    `plan` (a `Plan` the caller keeps, so a second call with the same grid, model settings, batch size, dtype
+    and device repeats none of it; None: a plan for this call only).
     `info`, a dict, receives the number of network evaluations ("nfe") and grid steps when sampling ends."""
+    plan = as_plan(plan, name)
     path = getattr(model, "path", None)
-    plan = grid_plan(path, ts) if path is not None else check_grid(ts)  # a model without a path: refused below
+    grid = plan.grid(path, ts) if path is not None else check_grid(ts)  # a model without a path: refused below
     if not isinstance(x, torch.Tensor) or x.ndim < 1 or not x.is_floating_point():
         raise UnifuseError(f"{name}: x must be a floating-point tensor [batch, ...], got {type(x).__name__}")
     ev = Evaluator(model, x, cond, callback, name, progress, check_finite, info)
-    ts, sch, coef = plan.ts, plan.sch, plan.coef
-    ev.constants = plan.constants
+    ev.constants = grid.constants
     if ev.fast:  # the grid's evaluations, prepared from the same coefficients
-        n, like = len(sch.t) - 1, ev.like
-
-        def prepare():
-            return dict(zip(sch.t[:n], model.prepare_grid(ts[:n], like, tuple(c[:n] for c in coef))))
-
-        key = model.grid_key() if hasattr(model, "grid_key") else None
-        key = None if key is None else ("prepared", ts.numpy().tobytes(), key, like.device, like.dtype, like.shape[0],
-                                        like.ndim)
-        prepared = prepare() if key is None else memo(model, key, prepare, keep=_no_grad)
-        ev.cache.update(prepared)
-    return ev, sch, x.to(state_dtype(x)), as_noise_source(noise, x.shape[0])
+        ev.cache.update(plan.network_inputs(model, grid, ev.like))
+    return ev, grid.sch, x.to(state_dtype(x)), as_noise_source(noise, x.shape[0])
 
 
 def singlestep_orders(sch: Schedule, orders, max_order: int, name: str, zero_snr_first_order: bool = True) -> list:

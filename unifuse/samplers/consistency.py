@@ -13,9 +13,9 @@ import math
 from .base import linear, setup
 
 
-def sample_consistency(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None):
+def sample_consistency(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, plan=None):
     """Consistency-model multistep sampling over the grid (NFE = number of noisy grid times)."""
-    ev, sch, x, rng = setup("consistency", model, x, ts, cond, noise, callback, progress, info)
+    ev, sch, x, rng = setup("consistency", model, x, ts, cond, noise, callback, progress, info, plan=plan)
     eps = float(getattr(model, "boundary", 0.0))
     noisy = [i for i in range(len(sch.t)) if sch.sigma[i] > 0.0]
     for n in ev.steps(len(noisy)):

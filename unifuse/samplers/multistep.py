@@ -14,10 +14,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from ..errors import UnifuseError, choose
-from .base import GaussianStep, linear, phi, setup
+from .base import linear, phi, setup
 
 INF = math.inf
 
@@ -70,25 +69,37 @@ def dpmpp_weights(sch, i, p, variant: str = "midpoint"):
     return s_t / s_s, [float(v) for v in w]
 
 
-def sample_dpmpp_multistep(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None,
+def run_multistep(ev, sch, x, n_steps: int, keep: int, output, step):
+    """The loop every multistep method shares: evaluate, keep the newest `keep` outputs (output(e), newest
+    first), and take step(i, x, e, history) -> x; after the n_steps ordinary steps, the final step to the data
+    returns the denoised estimate."""
+    hist = []
+    for i in ev.steps(len(sch.t) - 1):
+        e = ev(x, sch.t[i])
+        hist = [output(e)] + hist[:keep - 1]
+        x = e.x0 if i == n_steps else step(i, x, e, hist)
+        ev.done(i, sch.t[i + 1], x, e.x0)
+    return ev.finish(x)
+
+
+def _denoised(e):
+    return e.x0
+
+
+def sample_dpmpp_multistep(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, plan=None,
                            order: int = 2,
                            variant: str = "midpoint", lower_order_final: bool = True, name: str = "dpmpp_2m"):
     """DPM-Solver++ multistep of order 2 or 3 (card 8)."""
     choose("DPM-Solver++ variant", variant, ("midpoint", "heun"))
-    ev, sch, x, _ = setup(name, model, x, ts, cond, noise, callback, progress, info)
+    ev, sch, x, _ = setup(name, model, x, ts, cond, noise, callback, progress, info, plan=plan)
     orders = _orders(sch, order, lower_order_final)
-    plans = [dpmpp_weights(sch, i, p, variant) for i, p in enumerate(orders)]
-    hist = []  # model outputs m_i, newest first
-    for i in ev.steps(len(sch.t) - 1):
-        e = ev(x, sch.t[i])
-        hist = [e.x0] + hist[:2]
-        if i == len(orders):
-            x = e.x0
-        else:
-            cx, w = plans[i]
-            x = linear(x, cx, list(zip(w, hist)))
-        ev.done(i, sch.t[i + 1], x, e.x0)
-    return ev.finish(x)
+    weights = [dpmpp_weights(sch, i, p, variant) for i, p in enumerate(orders)]
+
+    def step(i, x, e, hist):  # hist: the model outputs m_i, m_{i-1}, ..., newest first
+        cx, w = weights[i]
+        return linear(x, cx, list(zip(w, hist)))
+
+    return run_multistep(ev, sch, x, len(orders), 3, _denoised, step)
 
 
 def sample_dpmpp_2m(model, x, ts, *, variant: str = "midpoint", **kw):
@@ -114,39 +125,20 @@ def sde_dpmpp_weights(sch, i, p, variant: str = "midpoint"):
     return (s_t / s_s) * math.exp(-h), w, s_t * math.sqrt(one_m)
 
 
-def sample_dpmpp_2m_sde(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None,
+def sample_dpmpp_2m_sde(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, plan=None,
                         variant: str = "midpoint", lower_order_final: bool = True):
     """SDE-DPM-Solver++(2M): x_t = (s_t/s_s) e^{-h} x_s + a_t (1 - e^{-2h}) D + s_t sqrt(1 - e^{-2h}) z."""
     choose("DPM-Solver++ variant", variant, ("midpoint", "heun"))
-    ev, sch, x, rng = setup("dpmpp_2m_sde", model, x, ts, cond, noise, callback, progress, info)
+    ev, sch, x, rng = setup("dpmpp_2m_sde", model, x, ts, cond, noise, callback, progress, info, plan=plan)
     orders = _orders(sch, 2, lower_order_final)
-    plans = [sde_dpmpp_weights(sch, i, p, variant) for i, p in enumerate(orders)]
-    hist = []
-    for i in ev.steps(len(sch.t) - 1):
-        e = ev(x, sch.t[i])
-        hist = [e.x0] + hist[:1]
-        if i == len(orders):
-            x = e.x0
-        else:
-            cx, w, std = plans[i]
-            x = linear(x, cx, list(zip(w, hist)))
-            x = x.add_(rng(x), alpha=std)
-        ev.done(i, sch.t[i + 1], x, e.x0)
-    return ev.finish(x)
+    weights = [sde_dpmpp_weights(sch, i, p, variant) for i, p in enumerate(orders)]
 
+    def step(i, x, e, hist):
+        cx, w, std = weights[i]
+        x = linear(x, cx, list(zip(w, hist)))
+        return x.add_(rng(x), alpha=std)
 
-def step_dpmpp_sde(model, x, s, t, *, previous=None, cond=None, variant: str = "midpoint") -> GaussianStep:
-    """One SDE-DPM-Solver++ step from s to t as a Gaussian; previous = (t_prev, x0_hat_prev) gives 2M."""
-    from .base import schedule
-
-    times = [previous[0], s, t] if previous is not None else [s, t]
-    sch = schedule(model.path, times)
-    e = model.evaluate(x, torch.as_tensor(s, dtype=torch.float64), **(cond or {}))
-    if sch.sigma[-1] == 0.0:
-        return GaussianStep(e.x0, 0.0)
-    cx, w, std = sde_dpmpp_weights(sch, len(times) - 2, 2 if previous is not None else 1, variant)
-    hist = [e.x0] + ([previous[1].to(e.x0.dtype)] if previous is not None else [])
-    return GaussianStep(linear(x.to(e.x0.dtype), cx, list(zip(w, hist))), std)
+    return run_multistep(ev, sch, x, len(orders), 2, _denoised, step)
 
 
 # --- UniPC ----------------------------------------------------------------------------------------------------
@@ -186,8 +178,8 @@ def unipc_weights(sch, i, p, variant: str = "bh1"):
     return cx, [float(v) for v in pred], [float(v) for v in corr], float(-a_t * B * rho_c[-1])
 
 
-def sample_unipc(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, order: int = 3,
-                 variant: str = "bh2", lower_order_final: bool = True, corrector: bool = True,
+def sample_unipc(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, plan=None,
+                 order: int = 3, variant: str = "bh2", lower_order_final: bool = True, corrector: bool = True,
                  denoise_corrected: bool = True):
     """UniPC: UniP-p predictor plus the UniC corrector that reuses the next evaluation (no extra NFE).
 
@@ -198,14 +190,14 @@ def sample_unipc(model, x, ts, *, cond=None, noise=None, callback=None, progress
     evaluation (`denoise_corrected`; False returns the x0_hat of the predictor's point, as diffusers does)."""
     choose("UniPC variant", variant, ("bh1", "bh2"))
     order = _check_order("unipc", order, 3)
-    ev, sch, x, _ = setup("unipc", model, x, ts, cond, noise, callback, progress, info)
+    ev, sch, x, _ = setup("unipc", model, x, ts, cond, noise, callback, progress, info, plan=plan)
     orders = _orders(sch, order, lower_order_final)
-    plans = [unipc_weights(sch, i, p, variant) for i, p in enumerate(orders)]
+    weights = [unipc_weights(sch, i, p, variant) for i, p in enumerate(orders)]
     hist, x_start = [], None
     for i in ev.steps(len(sch.t) - 1):
         e = ev(x, sch.t[i])
-        if corrector and i > 0 and plans[i - 1][2] is not None:  # UniC for the step just taken
-            cx, _, corr, w_new = plans[i - 1]
+        if corrector and i > 0 and weights[i - 1][2] is not None:  # UniC for the step just taken
+            cx, _, corr, w_new = weights[i - 1]
             x_c = linear(x_start, cx, list(zip(corr, hist)) + [(w_new, e.x0)])
         else:
             x_c = x
@@ -217,7 +209,7 @@ def sample_unipc(model, x, ts, *, cond=None, noise=None, callback=None, progress
                 x = e.x0
         else:
             x_start = x_c
-            cx, pred, _, _ = plans[i]
+            cx, pred, _, _ = weights[i]
             x = linear(x_c, cx, list(zip(pred, hist)))
         ev.done(i, sch.t[i + 1], x, e.x0)
     return ev.finish(x)
@@ -243,8 +235,8 @@ def ab_weights(rhos, p: int) -> list:
     return w
 
 
-def sample_ipndm(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, order: int = 4,
-                 lower_order_final: bool = True, variable: bool = True):
+def sample_ipndm(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, plan=None,
+                 order: int = 4, lower_order_final: bool = True, variable: bool = True):
     """iPNDM: Adams-Bashforth of order <= 4 on dy/drho = eps_hat, y = x/alpha, rho = sigma/alpha.
 
     variable=False uses PNDM's fixed coefficients (which assume equal steps in rho; the order drops to 2 on
@@ -252,7 +244,7 @@ def sample_ipndm(model, x, ts, *, cond=None, noise=None, callback=None, progress
     step (DEIS's rho-AB). Written as x_t = alpha_t x0_hat_s + sigma_t eps_s + alpha_t (rho_t - rho_s)
     sum_j c_j (eps_{s-j} - eps_s): the Euler (= DDIM) step plus the multistep correction."""
     order = _check_order("ipndm", order, 4)
-    ev, sch, x, _ = setup("ipndm", model, x, ts, cond, noise, callback, progress, info)
+    ev, sch, x, _ = setup("ipndm", model, x, ts, cond, noise, callback, progress, info, plan=plan)
     orders = _orders(sch, order, lower_order_final)
     rho = [s / a if a > 0 else INF for a, s in zip(sch.alpha, sch.sigma)]
     coefs = []
@@ -263,23 +255,17 @@ def sample_ipndm(model, x, ts, *, cond=None, noise=None, callback=None, progress
             coefs.append(IPNDM[p])
         else:
             coefs.append(ab_weights([rho[i], rho[i + 1]] + [rho[i - k] for k in range(1, p)], p))
-    hist = []
-    for i in ev.steps(len(sch.t) - 1):
-        e = ev(x, sch.t[i])
-        hist = [e.eps] + hist[:3]
-        if i == len(orders):
-            x = e.x0
-        else:
-            a_t, s_t, c = sch.alpha[i + 1], sch.sigma[i + 1], coefs[i]
-            terms = [(s_t, e.eps)]
-            if len(c) > 1:
-                d_rho = rho[i + 1] - rho[i]
-                terms += [(a_t * d_rho * c[j], hist[j]) for j in range(1, len(c))]
-                terms += [(-a_t * d_rho * sum(c[1:]), e.eps)]
-            x = linear(e.x0, a_t, terms)
-        ev.done(i, sch.t[i + 1], x, e.x0)
-    return ev.finish(x)
+    def step(i, x, e, hist):  # hist: eps_i, eps_{i-1}, ..., newest first
+        a_t, s_t, c = sch.alpha[i + 1], sch.sigma[i + 1], coefs[i]
+        terms = [(s_t, e.eps)]
+        if len(c) > 1:
+            d_rho = rho[i + 1] - rho[i]
+            terms += [(a_t * d_rho * c[j], hist[j]) for j in range(1, len(c))]
+            terms += [(-a_t * d_rho * sum(c[1:]), e.eps)]
+        return linear(e.x0, a_t, terms)
+
+    return run_multistep(ev, sch, x, len(orders), 4, lambda e: e.eps, step)
 
 
 __all__ = ["sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpmpp_2m_sde", "sample_unipc", "sample_ipndm",
-           "step_dpmpp_sde", "dpmpp_weights", "unipc_weights", "ab_weights"]
+           "dpmpp_weights", "sde_dpmpp_weights", "unipc_weights", "ab_weights"]

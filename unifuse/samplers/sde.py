@@ -20,7 +20,7 @@ import torch
 
 from ..errors import choose
 from .ancestral import ddpm_coefficients
-from .base import GaussianStep, coefs_at, linear, setup
+from .base import linear, setup
 
 PREDICTORS = ("reverse_diffusion", "ancestral", "euler_maruyama")
 
@@ -49,9 +49,9 @@ def _em_coefs(sch, i):
                            sch.alpha[i + 1], sch.sigma[i + 1], sch.lam[i + 1], sch.t[i + 1] - sch.t[i])
 
 
-def sample_euler_maruyama(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None):
+def sample_euler_maruyama(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, plan=None):
     """Euler-Maruyama on the reverse SDE in native time; the last step returns x0_hat (no noise)."""
-    ev, sch, x, rng = setup("euler_maruyama", model, x, ts, cond, noise, callback, progress, info)
+    ev, sch, x, rng = setup("euler_maruyama", model, x, ts, cond, noise, callback, progress, info, plan=plan)
     K = len(sch.t) - 1
     coefs = [_em_coefs(sch, i) for i in range(K)]
     for i in ev.steps(K):
@@ -80,14 +80,14 @@ def langevin_step_size(x, e, sigma: float, snr: float, z, rule: str = "norms"):
     return step.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def sample_pc(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None,
+def sample_pc(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, plan=None,
               predictor: str = "reverse_diffusion",
               snr: float = 0.16, n_corrector: int = 1, correctors=None, step_rule: str = "sigma"):
     """Predictor-corrector: at each grid time `correctors[i]` (default n_corrector) Langevin steps, then the
     predictor (at the last noisy time: the denoised estimate)."""
     choose("PC predictor", predictor, PREDICTORS)
     choose("Langevin step rule", step_rule, STEP_RULES)
-    ev, sch, x, rng = setup("pc", model, x, ts, cond, noise, callback, progress, info)
+    ev, sch, x, rng = setup("pc", model, x, ts, cond, noise, callback, progress, info, plan=plan)
     K = len(sch.t) - 1
     correctors = [int(n_corrector)] * K if correctors is None else [int(c) for c in correctors]
     if len(correctors) != K or min(correctors) < 0:
@@ -113,26 +113,3 @@ def sample_pc(model, x, ts, *, cond=None, noise=None, callback=None, progress=Fa
         x = e.x0 if sch.sigma[i + 1] == 0.0 else _em_apply(x, e, pred[i], rng)
         ev.done(i, sch.t[i + 1], x, e.x0)
     return ev.finish(x)
-
-
-# --- one-step functions ------------------------------------------------------------------------------------
-def step_euler_maruyama(model, x, s, t, *, cond=None) -> GaussianStep:
-    """One Euler-Maruyama step of the reverse SDE from s to t as a Gaussian."""
-    a_s, s_s, da_s, ds_s, l_s = coefs_at(model.path, s)
-    a_t, s_t, _, _, l_t = coefs_at(model.path, t)
-    e = model.evaluate(x, torch.as_tensor(s, dtype=torch.float64), **(cond or {}))
-    if s_t == 0.0:
-        return GaussianStep(e.x0, 0.0)
-    c_x, c_e, std = em_coefficients(a_s, s_s, da_s, ds_s, l_s, a_t, s_t, l_t, float(t) - float(s))
-    xs = x.to(e.x0.dtype)
-    mean = xs * c_e[0] + e.x0 * c_e[1] if c_x is None else xs * c_x + e.eps * c_e
-    return GaussianStep(mean, std)
-
-
-def step_langevin(model, x, t, *, snr: float = 0.16, z=None, rule: str = "norms", cond=None) -> GaussianStep:
-    """One Langevin corrector step at time t as a Gaussian (step size from the norms of z and the score)."""
-    _, s_t, _, _, _ = coefs_at(model.path, t)
-    e = model.evaluate(x, torch.as_tensor(t, dtype=torch.float64), **(cond or {}))
-    z = torch.randn_like(e.x0) if z is None else z
-    step = langevin_step_size(e.x0, e, s_t, snr, z, rule)
-    return GaussianStep(x.to(e.x0.dtype) - (step / s_t) * e.eps, torch.sqrt(2.0 * step))

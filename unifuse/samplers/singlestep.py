@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from .base import linear, phi, setup, singlestep_orders, t_at_lambda, schedule
+from .base import linear, phi, schedule, setup, singlestep_orders, t_at_lambda
 
 
 def _stages(path, sch, i, fractions):
@@ -27,27 +27,27 @@ def _stages(path, sch, i, fractions):
     return [(st.t[k], st.alpha[k], st.sigma[k], (st.lam[k] - l_s) / h) for k in range(len(ts))]
 
 
-def sample_dpm_solver(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, order: int = 3,
-                      orders=None, name: str = "dpm_solver"):
+def sample_dpm_solver(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, plan=None,
+                      order: int = 3, orders=None, name: str = "dpm_solver"):
     """DPM-Solver (noise prediction), single-step orders 1-3 with r = 1/2 (order 2) and 1/3, 2/3 (order 3)."""
-    ev, sch, x, _ = setup(name, model, x, ts, cond, noise, callback, progress, info)
+    ev, sch, x, _ = setup(name, model, x, ts, cond, noise, callback, progress, info, plan=plan)
     orders = singlestep_orders(sch, orders, order, name)
     path = model.path
-    plans = []
+    steps = []
     for i, p in enumerate(orders):
         h = sch.lam[i + 1] - sch.lam[i]
         a_t, s_t = sch.alpha[i + 1], sch.sigma[i + 1]
         if p == 1:
-            plans.append((1, [], None))
+            steps.append((1, [], None))
         elif p == 2:
             (t1, a1, s1, r1), = _stages(path, sch, i, [0.5])
-            plans.append((2, [(t1, a1, s1)], -s_t * math.expm1(h) / (2 * r1)))
+            steps.append((2, [(t1, a1, s1)], -s_t * math.expm1(h) / (2 * r1)))
         else:
             (t1, a1, s1, r1), (t2, a2, s2, r2) = _stages(path, sch, i, [1 / 3, 2 / 3])
             phi_22 = r2 * h * phi(2, r2 * h)   # (e^{r2 h} - 1)/(r2 h) - 1
             phi_2 = h * phi(2, h)              # (e^h - 1)/h - 1
-            plans.append((3, [(t1, a1, s1), (t2, a2, s2)], (-(r2 / r1) * s2 * phi_22, -(1 / r2) * s_t * phi_2)))
-        for st in plans[-1][1]:
+            steps.append((3, [(t1, a1, s1), (t2, a2, s2)], (-(r2 / r1) * s2 * phi_22, -(1 / r2) * s_t * phi_2)))
+        for st in steps[-1][1]:
             ev.prepare(st[0])
     K = len(sch.t) - 1
     for i in ev.steps(K):
@@ -56,7 +56,7 @@ def sample_dpm_solver(model, x, ts, *, cond=None, noise=None, callback=None, pro
             x = e.x0
             ev.done(i, sch.t[i + 1], x, e.x0)
             continue
-        p, stages, c = plans[i]
+        p, stages, c = steps[i]
         a_t, s_t = sch.alpha[i + 1], sch.sigma[i + 1]
         if p == 2:
             t1, a1, s1 = stages[0]
@@ -89,23 +89,23 @@ def sample_dpm_solver_3(model, x, ts, *, orders=None, **kw):
     return sample_dpm_solver(model, x, ts, order=3, orders=orders, name="dpm_solver_3", **kw)
 
 
-def sample_dpmpp_2s(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, orders=None,
-                    r1: float = 0.5):
+def sample_dpmpp_2s(model, x, ts, *, cond=None, noise=None, callback=None, progress=False, info=None, plan=None,
+                    orders=None, r1: float = 0.5):
     """DPM-Solver++(2S): data prediction, one intermediate stage at lambda_s + r1 h (card 8)."""
-    ev, sch, x, _ = setup("dpmpp_2s", model, x, ts, cond, noise, callback, progress, info)
+    ev, sch, x, _ = setup("dpmpp_2s", model, x, ts, cond, noise, callback, progress, info, plan=plan)
     orders = singlestep_orders(sch, orders, 2, "dpmpp_2s")
-    plans = []
+    steps = []
     for i, p in enumerate(orders):
         h = sch.lam[i + 1] - sch.lam[i]
         s_s, a_t, s_t = sch.sigma[i], sch.alpha[i + 1], sch.sigma[i + 1]
         first = (s_t / s_s, -a_t * math.expm1(-h))  # x_t = (sigma_t/sigma_s) x_s + alpha_t (1 - e^{-h}) m_s
         if p == 1:
-            plans.append((first, None))
+            steps.append((first, None))
             continue
         (t1, a1, s1, r), = _stages(model.path, sch, i, [r1])
         stage = (t1, s1 / s_s, -a1 * math.expm1(-r * h))
         corr = -a_t * math.expm1(-h) / (2 * r)  # coefficient of (m(u) - m_s)
-        plans.append((first, (stage, corr)))
+        steps.append((first, (stage, corr)))
         ev.prepare(t1)
     K = len(sch.t) - 1
     for i in ev.steps(K):
@@ -113,7 +113,7 @@ def sample_dpmpp_2s(model, x, ts, *, cond=None, noise=None, callback=None, progr
         if i == len(orders):
             x = e.x0
         else:
-            (cx, c0), extra = plans[i]
+            (cx, c0), extra = steps[i]
             if extra is None:
                 x = linear(x, cx, [(c0, e.x0)])
             else:

@@ -5,72 +5,21 @@ probability-flow ODE. Written independently of `unifuse.parameterization` so tes
 """
 from __future__ import annotations
 
-import math
-from typing import Optional
-
 import torch
 
+from ..data.toy import MixtureDensity
 from ..errors import UnifuseError
 from ..paths.base import Path, as_time
 
 F64 = torch.float64
 
 
-def _col(c, x):
-    """A scalar or [B] coefficient shaped [B, 1, 1] (or []) against [B, K, D] arrays."""
-    c = as_time(c).to(device=x.device, dtype=x.dtype)
-    return c.reshape(-1, 1, 1) if c.ndim == 1 else c
-
-
-class GaussianMixture:
+class GaussianMixture(MixtureDensity):
     """Exact oracle for a diagonal Gaussian mixture in R^D (data may carry any shape with D elements).
 
-    weights [K], means [K, D], stds [K, D], [K] or a scalar. Component k is class k.
+    weights [K], means [K, D], stds [K, D], [K] or a scalar. Component k is class k. Sampling, the noisy
+    log-density and the class posterior come from the toy sets' `MixtureDensity`; the rest is here.
     """
-
-    def __init__(self, weights, means, stds, dtype=F64):
-        self.means = torch.as_tensor(means, dtype=dtype)
-        if self.means.ndim == 1:
-            self.means = self.means[None]
-        K, D = self.means.shape
-        self.weights = torch.as_tensor(weights, dtype=dtype).reshape(K)
-        if not bool((self.weights > 0).all()) or abs(float(self.weights.sum()) - 1) > 1e-9:
-            raise UnifuseError(f"mixture weights must be positive and sum to 1, got {self.weights.tolist()}")
-        s = torch.as_tensor(stds, dtype=dtype)
-        s = torch.full((K, D), float(s), dtype=dtype) if s.ndim == 0 else s.reshape(K, -1).expand(K, D)
-        self.stds = s.clone()
-        self.K, self.D = K, D
-
-    @classmethod
-    def gaussian(cls, mean, std, dtype=F64) -> "GaussianMixture":
-        mean = torch.as_tensor(mean, dtype=dtype).reshape(1, -1)
-        return cls([1.0], mean, torch.as_tensor(std, dtype=dtype).expand(mean.shape).reshape(1, -1), dtype)
-
-    # --- sampling -----------------------------------------------------------------------
-    def sample(self, n: int, generator: Optional[torch.Generator] = None, labels: Optional[torch.Tensor] = None):
-        """n data points [n, D] (from the given components if labels are given) and their labels."""
-        if labels is None:
-            labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        z = torch.randn(n, self.D, dtype=self.means.dtype, generator=generator)
-        return self.means[labels] + self.stds[labels] * z, labels
-
-    # --- noisy marginal --------------------------------------------------------------------
-    def _parts(self, x, a, sg):
-        x = x.reshape(x.shape[0], -1).to(self.means.dtype)
-        a, sg = _col(a, x), _col(sg, x)
-        v = a * a * self.stds[None] ** 2 + sg * sg                     # [B, K, D]
-        d = x[:, None, :] - a * self.means[None]                         # [B, K, D]
-        logn = -0.5 * (d * d / v + torch.log(2 * math.pi * v)).sum(-1)  # [B, K]
-        logw = torch.log(self.weights)[None] + logn
-        return x, a, v, d, logw
-
-    def log_prob(self, x, alpha=1.0, sigma=0.0):
-        """log q_t(x) of x_t = alpha x0 + sigma noise; alpha=1, sigma=0 gives the data density."""
-        return torch.logsumexp(self._parts(x, alpha, sigma)[-1], 1)
-
-    def responsibilities(self, x, alpha, sigma):
-        """p(k | x_t): the exact noisy classifier."""
-        return torch.softmax(self._parts(x, alpha, sigma)[-1], 1)
 
     def _weights_for(self, logw, labels):
         if labels is None:
@@ -80,7 +29,7 @@ class GaussianMixture:
     def score(self, x, alpha, sigma, labels=None):
         """grad_x log q_t(x) (of component `labels` when given)."""
         shape = x.shape
-        x, a, v, d, logw = self._parts(x, alpha, sigma)
+        x, _, v, d, logw = self._parts(x, alpha, sigma)
         r = self._weights_for(logw, labels)
         return (-(r[..., None] * d / v).sum(1)).reshape(shape)
 

@@ -1,4 +1,4 @@
-"""Training: the straight-line loop, checkpoints, EMA and data-parallel helpers.
+"""Training: the straight-line loop, the run folder it writes, checkpoints, EMA and data-parallel helpers.
 
     from unifuse.config import get_config
     from unifuse.training import train, load_model
@@ -7,8 +7,9 @@
 """
 from .checkpoint import find_checkpoint, load_model, read_meta
 from .ema import EMA, PowerEMA, posthoc_ema
-from .loop import TrainingDiverged, learning_rate, train
+from .loop import learning_rate, train
 from .plots import plot_loss_curve
+from .run import Run, TrainingDiverged
 
-__all__ = ["train", "load_model", "find_checkpoint", "read_meta", "EMA", "PowerEMA", "posthoc_ema",
-           "TrainingDiverged", "learning_rate", "plot_loss_curve"]
+__all__ = ["EMA", "PowerEMA", "Run", "TrainingDiverged", "find_checkpoint", "learning_rate", "load_model",
+           "plot_loss_curve", "posthoc_ema", "read_meta", "train"]

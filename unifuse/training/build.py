@@ -6,7 +6,6 @@ the network sees unit-scale inputs on every path (EDM's c_in) and the library's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -33,9 +32,10 @@ def build_data(cfg, split: str = "train"):
 
         return replace(data, labels=caption_vocabulary(data.captions)[1])
     if cfg.data.cond in ("class", "text") and (data.labels is None or data.num_classes < 2):
-        fix = ("put the images in one sub-folder per class (two or more)" if folder is not None and cfg.data.cond == "class"
-               else "use data.cond=none")
-        raise UnifuseError(f"data.cond={cfg.data.cond!r} needs class labels, but data set {cfg.data.name!r} has none; {fix}")
+        by_folder = folder is not None and cfg.data.cond == "class"
+        fix = "put the images in one sub-folder per class (two or more)" if by_folder else "use data.cond=none"
+        raise UnifuseError(f"data.cond={cfg.data.cond!r} needs class labels, but data set {cfg.data.name!r} has none; "
+                           f"{fix}")
     return data
 
 
@@ -82,7 +82,8 @@ def fit_to_data(net: torch.nn.Module, info: dict) -> torch.nn.Module:
 
 def build_net(cfg, info: dict) -> torch.nn.Module:
     """The configured network, sized for the data (channels, resolution, classes, text width)."""
-    from ..nets import NET_PRESETS, TEXT_DIM, build_net as nets_build
+    from ..nets import NET_PRESETS, TEXT_DIM
+    from ..nets import build_net as nets_build
 
     options = dict(cfg.model.net_options)
     family = NET_PRESETS[cfg.model.net][0] if cfg.model.net in NET_PRESETS else cfg.model.net
@@ -183,7 +184,8 @@ class Conditioner:
             from ..data import text
 
             if not text.available():
-                raise UnifuseError(f"preset {cfg.name!r} trains on captions and needs the text encoder; {text.INSTALL_HINT}")
+                raise UnifuseError(f"preset {cfg.name!r} trains on captions and needs the text encoder; "
+                                   f"{text.INSTALL_HINT}")
             from ..data.captions import caption_bank
 
             if self.captions:
@@ -193,8 +195,8 @@ class Conditioner:
             else:
                 self.bank = caption_bank(text.default_encoder(), "train", info["num_classes"])
 
-    def __call__(self, labels: Optional[torch.Tensor], generator: torch.Generator) -> dict:
-        from ..guidance import drop_condition
+    def __call__(self, labels: torch.Tensor | None, generator: torch.Generator) -> dict:
+        from ..data.conditions import drop_condition
 
         if self.kind == "none" or labels is None:
             return {}
@@ -209,5 +211,5 @@ class Conditioner:
         return {k: v.to(self.device) for k, v in cond.items()}
 
 
-__all__ = ["build_data", "data_info", "build_net", "Flattened", "fit_to_data", "build_path", "build_model", "build_objective", "Batches",
-           "Conditioner"]
+__all__ = ["build_data", "data_info", "build_net", "Flattened", "fit_to_data", "build_path", "build_model",
+           "build_objective", "Batches", "Conditioner"]

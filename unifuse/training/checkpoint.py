@@ -10,7 +10,7 @@
 
 A checkpoint is written into a temporary folder that is renamed into place, and `latest.json` moves to it
 only afterwards (temporary file, then rename), so an interruption at any moment leaves the previous good
-checkpoint intact. Loading checks the sidecar and every file's SHA-256 and stops with one message naming
+checkpoint intact (`unifuse.io`). Loading checks the sidecar and every file's SHA-256 and stops with one message naming
 the broken file.
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ import shutil
 import torch
 
 from ..errors import UnifuseError
+from ..io import atomic_folder, write_json
 
 FORMAT = "unifuse-checkpoint"
-FILES = ("model", "ema", "optimizer", "training")
 
 
 def _sha256(path: str) -> str:
@@ -39,16 +39,6 @@ def _sha256(path: str) -> str:
 def _tensors(state: dict) -> dict:
     """Detached, contiguous CPU copies (safetensors refuses shared storage)."""
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def write_json(path: str, obj) -> None:
-    """JSON written to a temporary file and renamed into place."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer):
@@ -74,27 +64,24 @@ def optimizer_state(tensors: dict, rest: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(run_dir: str, step: int, *, model: dict, ema: dict, optimizer: dict, training: dict,
-                    meta: dict, keep: int = 2) -> str:
-    """Write RUN/ckpt/step-N atomically, point latest.json at it, keep the newest `keep`; returns the folder."""
+def save_checkpoint(run_dir: str, step: int, *, meta: dict, keep: int = 2, **files: dict) -> str:
+    """Write RUN/ckpt/step-N atomically with one safetensors file per keyword (model=, ema=, optimizer=,
+    training=: state dicts), point latest.json at it, keep the newest `keep`; returns the folder."""
     from safetensors.torch import save_file
 
-    root = os.path.join(run_dir, "ckpt")
-    os.makedirs(root, exist_ok=True)
-    name = f"step-{step:08d}"
-    final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    hashes = {}
-    for key, state in zip(FILES, (model, ema, optimizer, training)):
-        path = os.path.join(tmp, f"{key}.safetensors")
-        save_file(_tensors(state), path)
-        hashes[key] = _sha256(path)
-    write_json(os.path.join(tmp, "checkpoint.json"), dict(meta, format=FORMAT, step=int(step), files=hashes))
-    if os.path.exists(final):  # re-saving the same step (e.g. a resumed run that saved it again)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    write_json(os.path.join(root, "latest.json"), {"dir": name, "step": int(step)})
+    root, name = os.path.join(run_dir, "ckpt"), f"step-{step:08d}"
+
+    def write(folder):
+        hashes = {}
+        for key, state in files.items():
+            path = os.path.join(folder, f"{key}.safetensors")
+            save_file(_tensors(state), path)
+            hashes[key] = _sha256(path)
+        write_json(os.path.join(folder, "checkpoint.json"), dict(meta, format=FORMAT, step=int(step), files=hashes),
+                   sync=True)
+
+    final = atomic_folder(os.path.join(root, name), write)
+    write_json(os.path.join(root, "latest.json"), {"dir": name, "step": int(step)}, sync=True)
     # Prune the oldest checkpoints (never the one just written).
     steps = sorted(d for d in os.listdir(root) if d.startswith("step-") and os.path.isdir(os.path.join(root, d)))
     for old in steps[:-keep] if keep > 0 else []:
@@ -113,7 +100,8 @@ def find_checkpoint(path: str) -> str:
     if not os.path.isdir(path):
         raise UnifuseError(f"no run or checkpoint at {path!r}; train one with: unifuse train digits --out {path}")
     if not os.path.isfile(latest):
-        raise UnifuseError(f"no checkpoint found in {path!r} (missing {latest}); train with: unifuse train PRESET --out {path}")
+        raise UnifuseError(f"no checkpoint found in {path!r} (missing {latest}); train with: unifuse train PRESET "
+                           f"--out {path}")
     try:
         with open(latest) as fh:
             name = json.load(fh)["dir"]
@@ -121,7 +109,8 @@ def find_checkpoint(path: str) -> str:
         raise UnifuseError(f"checkpoint pointer {latest} is corrupt; point --ckpt at a step folder in {root}") from None
     folder = os.path.join(root, name)
     if not os.path.isfile(os.path.join(folder, "checkpoint.json")):
-        raise UnifuseError(f"checkpoint {folder} named by {latest} is missing; point --ckpt at another step folder in {root}")
+        raise UnifuseError(f"checkpoint {folder} named by {latest} is missing; point --ckpt at another step folder in "
+                           f"{root}")
     return folder
 
 
@@ -154,7 +143,8 @@ def load_tensors(folder: str, key: str, meta: dict | None = None) -> dict:
     try:
         return load_file(path)
     except Exception as err:  # safetensors raises its own error types for truncated headers
-        raise UnifuseError(f"checkpoint file {path} cannot be read ({type(err).__name__}); use an earlier checkpoint") from None
+        raise UnifuseError(f"checkpoint file {path} cannot be read ({type(err).__name__}); use an earlier "
+                           "checkpoint") from None
 
 
 def load_model(run_dir: str, ema=True, device="cpu"):
@@ -180,7 +170,8 @@ def load_model(run_dir: str, ema=True, device="cpu"):
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
-        raise UnifuseError(f"the weights in {folder} do not fit the network in its sidecar: {str(err).splitlines()[0]}") from None
+        raise UnifuseError(f"the weights in {folder} do not fit the network in its sidecar: "
+                           f"{str(err).splitlines()[0]}") from None
     model = build_model(cfg, net.to(device))
     model.eval()
     return model, cfg
@@ -197,5 +188,5 @@ def rebuild_net(meta: dict, cfg, build_net):
     return build_net(cfg, meta["data"])
 
 
-__all__ = ["save_checkpoint", "find_checkpoint", "read_meta", "load_tensors", "load_model", "rebuild_net",
-           "optimizer_tensors", "optimizer_state", "write_json"]
+__all__ = ["find_checkpoint", "load_model", "load_tensors", "optimizer_state", "optimizer_tensors", "read_meta",
+           "rebuild_net", "save_checkpoint"]

@@ -17,7 +17,8 @@ def run_demo(out: str = "runs/demo", minutes: float = 7.0, preset: str = "digits
 
     from ..config import get_config
     from ..data import to_uint8
-    from .checkpoint import find_checkpoint, load_model, read_meta, write_json
+    from ..io import write_json
+    from .checkpoint import find_checkpoint, load_model, read_meta
     from .loop import train
     from .plots import save_grid
     from .sampling import generate
@@ -37,7 +38,7 @@ def run_demo(out: str = "runs/demo", minutes: float = 7.0, preset: str = "digits
     info = read_meta(find_checkpoint(out))["data"]
     log(f"sampling {n_eval} images with {cfg.sample.sampler} at {cfg.sample.nfe} network evaluations")
     t0 = time.time()
-    x, labels = generate(model, cfg, info, n_eval, seed=0)
+    x, _ = generate(model, cfg.sample, info, n_eval, conditioning=cfg.data.cond, seed=0)
     sample_s = time.time() - t0
     grid = save_grid(x[:100], os.path.join(out, "grid.png"), nrow=10)
     npz = os.path.join(out, "samples.npz")
@@ -49,8 +50,9 @@ def run_demo(out: str = "runs/demo", minutes: float = 7.0, preset: str = "digits
     report = {"preset": cfg.name, "family": cfg.model.family, "steps": summary["step"],
               "train_seconds": summary["seconds"], "stopped_by": summary["stopped_by"], "sampler": cfg.sample.sampler,
               "nfe": cfg.sample.nfe, "n_samples": n_eval, "sample_seconds": round(sample_s, 1)}
-    draws = [heldout_fd(x, info["name"])] + [heldout_fd(generate(model, cfg, info, n_eval, seed=s)[0], info["name"])
-                                             for s in range(1, fd_draws)]
+    draws = [heldout_fd(x, info["name"])] + [
+        heldout_fd(generate(model, cfg.sample, info, n_eval, conditioning=cfg.data.cond, seed=s)[0], info["name"])
+        for s in range(1, fd_draws)]
     fds = [d["fd_heldout"] for d in draws]
     fd = sum(fds) / len(fds)
     report.update(draws[0], fd_heldout=fd, fd_seeds=fds, fd_ratio=fd / draws[0]["fd_floor"])

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import UnifuseError
+from ..io import atomic_write
 
 
 def _lerp_(avg: torch.nn.Module, net: torch.nn.Module, weight: float) -> None:
@@ -84,17 +85,14 @@ class PowerEMA:
             avg.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{i}.")})
 
     def snapshot(self, folder: str, step: int) -> list:
-        """Write each average as `phema-<sigma_rel>-<step>.safetensors` under folder (temp file, then rename)."""
+        """Write each average as `phema-<sigma_rel>-<step>.safetensors` under folder (`unifuse.io.atomic_write`)."""
         from safetensors.torch import save_file
 
-        os.makedirs(folder, exist_ok=True)
         paths = []
         for avg, s in zip(self.nets, self.sigma_rels):
+            state = {k: v.detach().cpu().contiguous().clone() for k, v in avg.state_dict().items()}
             path = os.path.join(folder, f"phema-{s:.4f}-{step:08d}.safetensors")
-            tmp = path + ".tmp"
-            save_file({k: v.detach().cpu().contiguous().clone() for k, v in avg.state_dict().items()}, tmp)
-            os.replace(tmp, path)
-            paths.append(path)
+            paths.append(atomic_write(path, lambda tmp, state=state: save_file(state, tmp)))
         return paths
 
 
@@ -130,7 +128,8 @@ def posthoc_ema(run_dir: str, sigma_rel: float, step: int | None = None) -> dict
     if step is not None:  # the newest snapshots at or before `step` (extrapolating past them is unstable)
         found = [f for f in found if f[1] <= int(step)]
         if not found:
-            raise UnifuseError(f"no post-hoc EMA snapshot at or before step {step} under {os.path.join(run_dir, 'ema')}")
+            raise UnifuseError(f"no post-hoc EMA snapshot at or before step {step} under "
+                               f"{os.path.join(run_dir, 'ema')}")
     step = max(s for _, s, _ in found)
     x = posthoc_coefficients([sigma_rel_to_gamma(s) for s, _, _ in found], [s for _, s, _ in found],
                              sigma_rel_to_gamma(sigma_rel), step)

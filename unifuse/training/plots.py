@@ -1,30 +1,29 @@
 """Pictures of a run: sample grids (scatter plots for 2-D data) and the loss curve, written atomically."""
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import torch
 
 from ..errors import UnifuseError
-from .build import build_model
+from ..io import atomic_write
 
 
-def sample_grid(cfg, net, info: dict, path: str, device, n: int | None = None, seed: int = 0) -> str | None:
-    """A PNG grid of samples from `net` with the config's sampler (skipped with a note if sampling fails)."""
+def sample_grid(model, sample_cfg, info: dict, path: str, device, *, conditioning: str, n: int | None = None,
+                seed: int = 0) -> str | None:
+    """A PNG grid of samples from the built `model` with the sampler settings `sample_cfg` (a run's cfg.sample),
+    sample_cfg.grid of them unless n is given; skipped with a note if sampling fails."""
     from .sampling import generate
 
-    n = n or cfg.sample.grid
+    n = n or sample_cfg.grid
     try:
-        model = build_model(cfg, net)
-        images, _ = generate(model, cfg, info, n, seed=seed, device=device)
+        images, _ = generate(model, sample_cfg, info, n, conditioning=conditioning, seed=seed, device=device)
     except (ImportError, AttributeError, UnifuseError) as err:
         print(f"note: no sample grid ({err})")
         return None
     if images.ndim != 4:
         return plot_points(images, path)
-    return save_grid(images, path, nrow=int(math.ceil(math.sqrt(n))))
+    return save_grid(images, path, nrow=math.ceil(math.sqrt(n)))
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int | None = None, min_side: int = 32) -> str:
@@ -45,14 +44,12 @@ def plot_points(points: torch.Tensor, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..viz import _tmp_then_rename
-
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
     pts = points.detach().cpu().float().numpy()
     ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
     ax.set_aspect("equal")
     fig.tight_layout()
-    out = _tmp_then_rename(path, lambda p: fig.savefig(p, format="png"))
+    out = atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
     return out
 
@@ -64,19 +61,10 @@ def plot_loss_curve(metrics_path: str, png: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..viz import _tmp_then_rename
+    from .run import read_metrics
 
-    steps, losses = [], []
-    if not os.path.isfile(metrics_path):
-        return None
-    with open(metrics_path) as fh:
-        for line in fh:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if "loss" in rec and rec["loss"] is not None:
-                steps.append(rec["step"]), losses.append(rec["loss"])
+    logged = [rec for rec in read_metrics(metrics_path) if rec.get("loss") is not None]
+    steps, losses = [rec["step"] for rec in logged], [rec["loss"] for rec in logged]
     if not steps:
         return None
     smooth, acc = [], None
@@ -91,7 +79,7 @@ def plot_loss_curve(metrics_path: str, png: str) -> str | None:
         ax.set_yscale("log")
     ax.grid(True, alpha=0.3), ax.legend()
     fig.tight_layout()
-    out = _tmp_then_rename(png, lambda p: fig.savefig(p, format="png"))
+    out = atomic_write(png, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
     return out
 

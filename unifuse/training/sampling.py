@@ -2,7 +2,9 @@
 
 `generate` draws the noise batch by batch from seeded generators, picks the condition (a class, balanced
 classes, or a prompt), applies classifier-free guidance when asked, and calls `uf.sample` with the run's
-sampler settings (or the caller's).
+sampler settings (a `SampleConfig`, `cfg.sample`) or the caller's. It takes the built model, the sampler
+settings and what it needs to know of the data (the checkpoint's data info and the run's conditioning),
+never a whole training config.
 """
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ import torch
 from ..errors import UnifuseError
 
 
-def condition_for(model, info: dict, cfg, n: int, *, class_label=None, prompt=None, device="cpu"):
-    """(cond dict or None, labels [n] or None) for n samples of a run with conditioning `cfg.data.cond`."""
-    kind = cfg.data.cond
+def condition_for(model, info: dict, conditioning: str, n: int, *, class_label=None, prompt=None, device="cpu"):
+    """(cond dict or None, labels [n] or None) for n samples of a run with data.cond = `conditioning`."""
+    kind = conditioning
     if prompt is not None:
         if kind != "text":
-            raise UnifuseError(f"--prompt needs a caption-conditional model (e.g. digits-text); this run has data.cond={kind!r}")
+            raise UnifuseError("--prompt needs a caption-conditional model (e.g. digits-text); this run has "
+                               f"data.cond={kind!r}")
         from ..data.text import encode
 
         emb = encode([prompt], device=device)
@@ -26,7 +29,8 @@ def condition_for(model, info: dict, cfg, n: int, *, class_label=None, prompt=No
     if class_label is not None:
         k = info.get("num_classes", 0)
         if kind != "class":
-            raise UnifuseError(f"--class needs a class-conditional model (e.g. digits-cond) or --classifier DIR; this run "
+            raise UnifuseError("--class needs a class-conditional model (e.g. digits-cond) or --classifier DIR; this "
+                               "run "
                                f"has data.cond={kind!r}")
         if not 0 <= int(class_label) < k:
             raise UnifuseError(f"--class must be in 0..{k - 1}, got {class_label}")
@@ -64,20 +68,21 @@ def _classifier_guided(model) -> bool:
     return False
 
 
-def generate(model, cfg, info: dict, n: int, *, seed: int = 0, device="cpu", batch: int = 500, sampler=None,
-             nfe=None, spacing=None, class_label=None, prompt=None, guidance=None, guidance_options=None,
-             clip_denoised=None, threshold_percentile=None, progress: bool = False):
-    """(samples [n, *shape] in data units, labels [n] or None) from `model` with the run's sampler settings.
-    clip_denoised > 0 (default: the run's sample.clip_denoised) clips the denoised estimate to that range after
-    any guidance, dynamically at quantile threshold_percentile when that is > 0 (`unifuse.thresholding`)."""
+def generate(model, sample_cfg, info: dict, n: int, *, conditioning: str, seed: int = 0, device="cpu",
+             batch: int = 500, sampler=None, nfe=None, spacing=None, class_label=None, prompt=None, guidance=None,
+             guidance_options=None, clip_denoised=None, threshold_percentile=None, progress: bool = False):
+    """(samples [n, *shape] in data units, labels [n] or None) from `model` with the sampler settings
+    `sample_cfg` (a run's `cfg.sample`) unless overridden; conditioning is the run's data.cond.
+    clip_denoised > 0 (default: sample_cfg.clip_denoised) clips the denoised estimate to that range after any
+    guidance, dynamically at quantile threshold_percentile when that is > 0 (`unifuse.thresholding`)."""
     from tqdm.auto import tqdm
 
     from ..sampling import sample
 
-    sampler = sampler or cfg.sample.sampler
-    nfe = int(nfe or cfg.sample.nfe)
-    spacing = spacing if spacing is not None else cfg.sample.spacing
-    cond, labels = condition_for(model, info, cfg, n, class_label=class_label, prompt=prompt, device=device)
+    sampler = sampler or sample_cfg.sampler
+    nfe = int(nfe or sample_cfg.nfe)
+    spacing = spacing if spacing is not None else sample_cfg.spacing
+    cond, labels = condition_for(model, info, conditioning, n, class_label=class_label, prompt=prompt, device=device)
     if guidance is not None and cond is None:
         raise UnifuseError("--guidance needs a conditional model and a condition (--class or --prompt, or a "
                            "class-conditional run)")
@@ -85,10 +90,10 @@ def generate(model, cfg, info: dict, n: int, *, seed: int = 0, device="cpu", bat
         from ..guidance import classifier_free
 
         model = classifier_free(model, float(guidance), **(guidance_options or {}))
-    clip = float(cfg.sample.clip_denoised if clip_denoised is None else clip_denoised)
-    percentile = float(cfg.sample.threshold_percentile if threshold_percentile is None else threshold_percentile)
+    clip = float(sample_cfg.clip_denoised if clip_denoised is None else clip_denoised)
+    percentile = float(sample_cfg.threshold_percentile if threshold_percentile is None else threshold_percentile)
     if clip > 0:
-        from ..thresholding import threshold
+        from ..guidance import threshold
 
         model = threshold(model, clip, percentile if percentile > 0 else None)
     model = model.to(device) if isinstance(model, torch.nn.Module) else model

@@ -10,7 +10,7 @@ from unifuse.parameterization import KINDS, coefficients, convert, from_pair, in
 from unifuse.parameterization.precond import consistency_scalings, x0_from_raw
 from unifuse.testing import GaussianMixture
 
-from .test_paths import ALL, inner_times
+from ..paths.test_paths import ALL, inner_times
 
 F64 = torch.float64
 ALL_KINDS = KINDS + ("edm", "trigflow")

@@ -12,16 +12,17 @@ cfg = get_config("toy-moons", ["train.steps=4", "data.batch=64", "train.log_ever
                                "model.net_options={width: 32, depth: 2, emb_dim: 16, dropout: 0.1}", "data.cond=class",
                                "train.device=cpu"])
 s = train(cfg, sys.argv[1], progress=False)
-print("RESULT " + json.dumps({k: s[k] for k in ("rank", "world", "step", "weights_sha256", "ranks_in_sync")}), flush=True)
+keys = ("rank", "world", "step", "weights_sha256", "ranks_in_sync")
+print("RESULT " + json.dumps({k: s[k] for k in keys}), flush=True)
 """
 
 
 def test_two_processes_keep_identical_weights(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
-               PYTHONPATH=os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    paths = [root, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=os.pathsep.join(paths))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            str(tmp_path / "run")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

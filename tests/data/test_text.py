@@ -178,7 +178,7 @@ def test_captioned_folder_trains_text_conditional_through_the_loader(tmp_path, m
     root.mkdir()
     words = ("a bright square", "a dark square", "a striped square")
     caption_of = {f"im{i}.png": words[i % 3] for i in range(10)}
-    for i, name in enumerate(caption_of):
+    for name in caption_of:
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / name)
     (root / "captions.jsonl").write_text("".join(json.dumps({"file": f"im{i}.png", "caption": caption_of[f"im{i}.png"]})
                                                  + "\n" for i in range(7)))
@@ -195,19 +195,21 @@ def test_captioned_folder_trains_text_conditional_through_the_loader(tmp_path, m
     # labels index the sorted captions, and the conditioner gives each image its own caption
     data = build_data(cfg)
     assert [info["captions"][int(y)] for y in data.labels] == list(data.captions)
-    decoded = {name: torch.as_tensor(np.array(Image.open(root / name).convert("L").resize((32, 32), Image.Resampling.LANCZOS)))
+    lanczos = Image.Resampling.LANCZOS
+    decoded = {name: torch.as_tensor(np.array(Image.open(root / name).convert("L").resize((32, 32), lanczos)))
                for name in caption_of}
     for img, cap in zip(data.images, data.captions):  # the caption belongs to the image it is paired with
         name = next(n for n, px in decoded.items() if torch.equal(((img[0] + 1) * 127.5).round().to(torch.uint8), px))
         assert caption_of[name] == cap
-    cond = Conditioner(get_config("digits-text", tiny + ["data.p_uncond=0"]), "cpu", info)(data.labels[:5], torch.Generator())
+    conditioner = Conditioner(get_config("digits-text", tiny + ["data.p_uncond=0"]), "cpu", info)
+    cond = conditioner(data.labels[:5], torch.Generator())
     expected = encoder.encode(list(data.captions[:5]))
     torch.testing.assert_close(cond["text"], expected.tokens, rtol=0, atol=0)
     assert torch.equal(cond["text_mask"], expected.mask)
 
     # sampling without a prompt uses the folder's captions in turn (not the digit templates)
     model, cfg2 = load_model(run)
-    cond, labels = condition_for(model, info, cfg2, 4)
+    cond, labels = condition_for(model, info, cfg2.data.cond, 4)
     torch.testing.assert_close(cond["text"], encoder.encode([info["captions"][i % 3] for i in range(4)]).tokens)
     assert labels is None
 

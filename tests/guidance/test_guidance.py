@@ -2,15 +2,19 @@
 the exact noisy classifier is the responsibility r_y(x_t), and CFG with scale w on the exact models is
 score + w (score_y - score)."""
 import math
+from itertools import pairwise
 
 import pytest
 import torch
 
 import unifuse as uf
 from unifuse import guidance as G
+from unifuse.data import conditions
 from unifuse.errors import UnifuseError
+from unifuse.nets.classifier import NoisyClassifier
+from unifuse.objectives.classifier import ClassifierLoss
+from unifuse.objectives.time import rand_logsnr_uniform
 from unifuse.parameterization.convert import coefficients
-from unifuse.guidance_classifier import ClassifierLoss, NoisyClassifier, rand_log_snr_times
 from unifuse.testing import GaussianMixture
 
 F64 = torch.float64
@@ -38,7 +42,7 @@ def ddim(model, x, path, steps=12, generator=None, eta=0.0, **cond):
     """DDIM (ALGORITHMS card 4) over a log-SNR grid; eta = 1 is ancestral. Only model.evaluate is used."""
     ts = uf.paths.time_grid(path, steps, "logsnr")
     x = x * path.prior_sigma
-    for t, s in zip(ts[:-1], ts[1:]):
+    for t, s in pairwise(ts):
         e = model.evaluate(x, t, **cond)
         a_s, s_s, a_t, s_t = path.alpha(s), path.sigma(s), path.alpha(t), path.sigma(t)
         var = eta**2 * s_s**2 * (1 - (a_t * s_s / (a_s * s_t)) ** 2)  # posterior variance of q(x_s | x_t, x0)
@@ -88,7 +92,8 @@ def test_classifier_guidance_scale_and_null_label():
     path = uf.paths.get("vp-linear")
     guided = G.classifier_guidance(GM.model(path, "eps"), OracleClassifier(GM, path), 2.5)
     x, y, t = torch.randn(4, 4, dtype=F64), torch.tensor([0, 2, -1, 1]), torch.tensor(0.3, dtype=F64)
-    torch.testing.assert_close(guided.evaluate(x, t, class_labels=y).eps, oracle_cfg_eps(x, path, t, 2.5, y), rtol=0, atol=1e-9)
+    torch.testing.assert_close(guided.evaluate(x, t, class_labels=y).eps, oracle_cfg_eps(x, path, t, 2.5, y),
+                               rtol=0, atol=1e-9)
 
 
 # --- classifier-free guidance ---------------------------------------------------------------------
@@ -112,7 +117,8 @@ def test_cfg_scale_one_and_zero_are_the_conditional_and_unconditional_models():
     noise = torch.randn(6, 4, dtype=F64)
     one, zero = G.classifier_free(model, 1.0), G.classifier_free(model, 0.0)
     assert torch.equal(ddim(one, noise, path, class_labels=y), ddim(model, noise, path, class_labels=y))
-    assert torch.equal(ddim(zero, noise, path, class_labels=y), ddim(model, noise, path, class_labels=-torch.ones(6, dtype=torch.long)))
+    null = -torch.ones(6, dtype=torch.long)
+    assert torch.equal(ddim(zero, noise, path, class_labels=y), ddim(model, noise, path, class_labels=null))
     assert (one.cond_evals, one.uncond_evals, zero.cond_evals, zero.uncond_evals) == (12, 0, 0, 12)
     # and w slightly off 1 or 0 is continuous with them (the general formula, not the shortcut)
     near = G.classifier_free(model, 1.0 + 1e-9)
@@ -138,7 +144,8 @@ def test_cfg_in_any_prediction_kind_gives_the_same_samples(name):
             for out in outs[1:]:
                 torch.testing.assert_close(out, outs[0], rtol=0, atol=1e-9)
     # the guided samples are not the conditional ones (the test can fail)
-    assert (runs["x0"] - ddim(model, noise, path, generator=torch.Generator().manual_seed(1), eta=1.0, class_labels=y)).abs().max() > 1e-2
+    unguided = ddim(model, noise, path, generator=torch.Generator().manual_seed(1), eta=1.0, class_labels=y)
+    assert (runs["x0"] - unguided).abs().max() > 1e-2
 
 
 def test_cfg_rescale():
@@ -147,7 +154,8 @@ def test_cfg_rescale():
     model = GM.model(path, "eps", conditional=True)
     x, y, t = torch.randn(5, 4, dtype=F64), torch.tensor([0, 1, 2, 0, 1]), torch.tensor(0.5, dtype=F64)
     plain = G.classifier_free(model, 5.0).evaluate(x, t, class_labels=y)
-    torch.testing.assert_close(G.classifier_free(model, 5.0, rescale=0.0, kind="v").evaluate(x, t, class_labels=y).x0, plain.x0)
+    v_guided = G.classifier_free(model, 5.0, rescale=0.0, kind="v")
+    torch.testing.assert_close(v_guided.evaluate(x, t, class_labels=y).x0, plain.x0)
     full = G.classifier_free(model, 5.0, rescale=1.0, kind="x0").evaluate(x, t, class_labels=y)
     cond = model.evaluate(x, t, class_labels=y)
     torch.testing.assert_close(full.x0.std(1), cond.x0.std(1), rtol=1e-10, atol=0)
@@ -260,7 +268,8 @@ def test_sample_reports_guided_evaluations():
     path = uf.paths.get("vp-linear")
     model = GM.model(path, "eps", conditional=True)
     y, noise = torch.tensor([0, 1, 2, 0]), torch.randn(4, 4, dtype=F64)
-    _, info = uf.sample(model, noise, sampler="dpmpp_2m", nfe=6, cond={"class_labels": y}, guidance=3.0, return_info=True)
+    _, info = uf.sample(model, noise, sampler="dpmpp_2m", nfe=6, cond={"class_labels": y}, guidance=3.0,
+                        return_info=True)
     assert info["nfe"] == 6 and info["guidance"]["cond_evals"] == info["guidance"]["uncond_evals"] == 6
     _, info = uf.sample(model, noise, sampler="dpmpp_2m", nfe=6, cond={"class_labels": y}, guidance=3.0,
                         guidance_options={"interval": (0.5, 5.0)}, return_info=True)
@@ -281,7 +290,7 @@ def test_bad_conditions_give_one_clear_message():
     with pytest.raises(UnifuseError, match="needs a condition"):
         G.classifier_free(cond_model, 2.0).evaluate(x, 0.5)
     with pytest.raises(UnifuseError, match="trained without text"):
-        G.check_condition(cond_model, text=torch.zeros(2, 384))
+        conditions.check_condition(cond_model, text=torch.zeros(2, 384))
     with pytest.raises(UnifuseError, match="interval"):
         G.classifier_free(cond_model, 2.0, interval=(3.0, 1.0))
     with pytest.raises(UnifuseError, match="scale"):
@@ -294,14 +303,15 @@ def test_bad_conditions_give_one_clear_message():
 
 def test_network_conditioning_is_read_for_checks():
     unet = pytest.importorskip("unifuse.nets.unet")
-    model = uf.DiffusionModel(unet.UNet(channels=16, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_classes=10),
-                              uf.paths.get("vp-linear"), "eps")
-    assert G.conditioning(model) == {"num_classes": 10, "text_dim": 0}
-    assert G.conditioning(G.classifier_free(model, 2.0).on(uf.paths.get("rf"))) == {"num_classes": 10, "text_dim": 0}
+    net = unet.UNet(channels=16, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_classes=10)
+    model = uf.DiffusionModel(net, uf.paths.get("vp-linear"), "eps")
+    assert conditions.conditioning(model) == {"num_classes": 10, "text_dim": 0}
+    seen = G.classifier_free(model, 2.0).on(uf.paths.get("rf"))
+    assert conditions.conditioning(seen) == {"num_classes": 10, "text_dim": 0}
     with pytest.raises(UnifuseError, match=r"outside the trained range 0\.\.9"):
-        G.check_condition(model, class_labels=torch.tensor([3, 11]))
+        conditions.check_condition(model, class_labels=torch.tensor([3, 11]))
     with pytest.raises(UnifuseError, match="trained without text"):
-        G.check_condition(model, text=torch.zeros(2, 5, 384))
+        conditions.check_condition(model, text=torch.zeros(2, 5, 384))
 
 
 def test_cfg_batches_token_text_of_different_lengths():
@@ -336,7 +346,8 @@ def test_noisy_classifier_is_path_invariant_and_trains():
                                rtol=1e-7, atol=1e-9)
     # the loss is per sample and a few steps lower it on separable data
     labels = torch.arange(3).repeat(22)[:64]
-    data = (labels.double() - 1)[:, None, None, None] * torch.ones(64, 1, 8, 8, dtype=F64) + 0.1 * torch.randn(64, 1, 8, 8, dtype=F64)
+    data = (labels.double() - 1)[:, None, None, None] * torch.ones(64, 1, 8, 8, dtype=F64)
+    data = data + 0.1 * torch.randn(64, 1, 8, 8, dtype=F64)
     loss = ClassifierLoss(clean_fraction=0.5)
     g = torch.Generator().manual_seed(0)
     first = loss(clf, data, labels, g)
@@ -349,7 +360,7 @@ def test_noisy_classifier_is_path_invariant_and_trains():
         opt.step()
     with torch.no_grad():
         assert float(loss(clf, data, labels, torch.Generator().manual_seed(1)).mean()) < 0.7 * float(first.mean())
-    t = rand_log_snr_times(vp, 1000, (-5.0, 5.0), torch.Generator().manual_seed(0))
+    t = rand_logsnr_uniform(1000, vp, generator=torch.Generator().manual_seed(0), clip=(-5.0, 5.0))
     lam = vp.log_snr(t)
     assert float(lam.min()) >= -5 - 1e-9 and float(lam.max()) <= 5 + 1e-9 and float(lam.std()) > 2.5
     # it plugs into classifier guidance of a model on another path: eps -= s sigma grad log p(y | x_t)
@@ -368,13 +379,14 @@ def test_noisy_classifier_is_path_invariant_and_trains():
 
 def test_condition_dropout_for_training():
     y = torch.arange(10).repeat(100)
-    out = G.drop_condition({"class_labels": y}, 0.2, torch.Generator().manual_seed(0))
+    out = conditions.drop_condition({"class_labels": y}, 0.2, torch.Generator().manual_seed(0))
     dropped = out["class_labels"] == -1
     assert bool((out["class_labels"][~dropped] == y[~dropped]).all())
     assert 0.15 < float(dropped.double().mean()) < 0.25
     text, mask = torch.randn(20, 5, 3), torch.ones(20, 5, dtype=torch.bool)
     null = {"text": torch.full((1, 2, 3), 7.0), "text_mask": torch.ones(1, 2, dtype=torch.bool)}
-    out = G.drop_condition({"text": text, "text_mask": mask}, 0.5, torch.Generator().manual_seed(3), uncond=null)
+    g = torch.Generator().manual_seed(3)
+    out = conditions.drop_condition({"text": text, "text_mask": mask}, 0.5, g, uncond=null)
     gone = out["text_mask"].sum(1) == 2
     assert 0 < int(gone.sum()) < 20
     assert bool((out["text"][gone, :2] == 7).all()) and bool((out["text"][gone, 2:] == 0).all())
@@ -382,7 +394,8 @@ def test_condition_dropout_for_training():
 
 
 def test_classifier_preset_saves_and_loads(tmp_path):
-    from unifuse.guidance_classifier import load_noisy_classifier, train_classifier_preset
+    from unifuse.nets.classifier import load_noisy_classifier
+    from unifuse.training.classifier import train_classifier_preset
 
     record = train_classifier_preset("digits-classifier", str(tmp_path), steps=1, progress=False, log=lambda *_: None)
     assert set(record["heldout_accuracy"]) == {"sigma=0", "sigma=0.5", "sigma=1", "sigma=2", "sigma=5"}

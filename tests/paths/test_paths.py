@@ -39,7 +39,7 @@ def test_log_snr_inverse_round_trips(name):
     lam = path.log_snr(t)
     expected = torch.log(path.alpha(t) ** 2 / path.sigma(t) ** 2)
     torch.testing.assert_close(lam, expected, rtol=1e-10, atol=1e-10)
-    assert bool((lam[1:] < lam[:-1]).eq((t[1:] > t[:-1])).all()), "log-SNR must decrease in t"
+    assert bool((lam[1:] < lam[:-1]).eq(t[1:] > t[:-1]).all()), "log-SNR must decrease in t"
 
 
 @pytest.mark.parametrize("name", ALL)

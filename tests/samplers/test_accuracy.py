@@ -8,7 +8,7 @@ import torch
 
 import unifuse as uf
 from unifuse.samplers import SAMPLERS
-from unifuse.sampling import plan
+from unifuse.sampling import nfe_budget
 from unifuse.testing import GaussianMixture
 
 F64 = torch.float64
@@ -182,12 +182,12 @@ def test_nfe_is_exact_for_every_sampler(pname, pred):
 
 def test_nfe_rules():
     """Single-step methods: the final step costs 1, then order-p steps and one lower-order step for the rest."""
-    assert plan("heun", 7) == (4, {"orders": [2, 2, 2]})
-    assert plan("heun", 8) == (5, {"orders": [2, 2, 2, 1]})
-    assert plan("dpm_solver_3", 9) == (4, {"orders": [3, 3, 2]})
-    assert plan("dpm_solver_3", 6, zero_start=True) == (4, {"orders": [1, 3, 1]})
-    assert plan("pc", 5) == (3, {"correctors": [0, 1, 1]})
-    assert plan("dpmpp_3m", 5) == (5, {})
+    assert nfe_budget("heun", 7) == (4, {"orders": [2, 2, 2]})
+    assert nfe_budget("heun", 8) == (5, {"orders": [2, 2, 2, 1]})
+    assert nfe_budget("dpm_solver_3", 9) == (4, {"orders": [3, 3, 2]})
+    assert nfe_budget("dpm_solver_3", 6, zero_start=True) == (4, {"orders": [1, 3, 1]})
+    assert nfe_budget("pc", 5) == (3, {"correctors": [0, 1, 1]})
+    assert nfe_budget("dpmpp_3m", 5) == (5, {})
     with pytest.raises(uf.UnifuseError, match="adaptive"):
         uf.sample(GM.model(uf.paths.get("edm"), "x0"), NOISE, "adaptive", nfe=10)
 

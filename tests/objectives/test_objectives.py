@@ -102,7 +102,8 @@ def test_hybrid_vlb_term_teaches_only_the_variance():
     t = O.rand_index(256, path, generator=g)
     x_t = path.interpolate(x, torch.randn(x.shape, generator=g, dtype=F64), t)
     ev = model.evaluate(x_t, t)
-    vb = vlb_term(path, x, x_t, t - 1, t, ev.x0.detach(), reverse_log_variance(path, t - 1, t, ev.var_frac), decoder="gaussian")
+    log_var = reverse_log_variance(path, t - 1, t, ev.var_frac)
+    vb = vlb_term(path, x, x_t, t - 1, t, ev.x0.detach(), log_var, decoder="gaussian")
     vb.sum().backward()
     assert raw.grad[:, :2].abs().max() == 0 and raw.grad[:, 2:].abs().max() > 0
 
@@ -129,7 +130,8 @@ def test_exact_consistency_function_is_the_ct_fixed_point(schedule, step):
 
     def loss(delta):
         online = uf.DiffusionModel(Shifted(exact.net, delta), path, "x0")
-        return float(objective(online, x, generator=torch.Generator().manual_seed(1), step=step, target_model=exact).mean())
+        g = torch.Generator().manual_seed(1)
+        return float(objective(online, x, generator=g, step=step, target_model=exact).mean())
 
     d = 0.05
     lo, mid, hi = loss(-d), loss(0.0), loss(d)
@@ -246,7 +248,8 @@ def test_likelihood_weighting_is_the_same_with_importance_sampling():
     model = gm.model(path, "eps")
     x, _ = gm.sample(60_000, torch.Generator().manual_seed(0))
     a = O.DSMLoss(weighting="likelihood", t_lo=1e-2)(model, x, generator=torch.Generator().manual_seed(1))
-    b = O.DSMLoss(weighting="likelihood", t_lo=1e-2, time="logsnr_uniform")(model, x, generator=torch.Generator().manual_seed(2))
+    importance = O.DSMLoss(weighting="likelihood", t_lo=1e-2, time="logsnr_uniform")
+    b = importance(model, x, generator=torch.Generator().manual_seed(2))
     se = math.sqrt(float(a.var()) / a.numel() + float(b.var()) / b.numel())
     assert abs(float(a.mean()) - float(b.mean())) < 4 * se
 
@@ -257,7 +260,7 @@ def test_importance_sampler():
     s.update(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3.]), torch.tensor([1, 1, 2, 2, 3, 3, 4, 4.]))
     p = s.probabilities()
     assert torch.allclose(p, torch.tensor([1, 2, 3, 4.], dtype=F64) / 10)
-    t, w = s.sample(100_000, generator=torch.Generator().manual_seed(0))
+    _, w = s.sample(100_000, generator=torch.Generator().manual_seed(0))
     assert abs(float(w.mean()) - 1) < 0.01  # E_p[1 / (N p)] = 1: the weighted loss is unbiased
     s.update(torch.tensor([0.]), torch.tensor([9.]))  # history of step 0 becomes [1, 9]
     assert torch.allclose(s.losses[0], torch.tensor([1, 9.], dtype=F64))

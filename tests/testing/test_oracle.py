@@ -6,7 +6,7 @@ from scipy.integrate import solve_ivp
 import unifuse as uf
 from unifuse.testing import GaussianMixture
 
-from .test_parameterization import mixture
+from ..parameterization.test_convert import mixture
 
 F64 = torch.float64
 

@@ -162,7 +162,8 @@ def test_folder_caption_errors_name_the_file_and_the_fix(tmp_path):
     with pytest.raises(UnifuseError, match=r"has none; add captions.jsonl .* \.txt beside each image"):
         load()
     (root / "captions.jsonl").write_text(json.dumps({"file": "x/0.png", "caption": "a"}) + "\n")
-    with pytest.raises(UnifuseError, match=r"2 of 3 images .* no caption \(first: x/1.png\); add them to captions.jsonl"):
+    with pytest.raises(UnifuseError, match=r"2 of 3 images .* no caption \(first: x/1.png\); add them to "
+                                           r"captions.jsonl"):
         load()
     (root / "captions.jsonl").write_text("".join(json.dumps({"file": f, "caption": "a"}) + "\n"
                                                  for f in ("x/0.png", "y/0.png", "x/1.png", "x/2.png")))

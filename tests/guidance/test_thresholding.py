@@ -1,13 +1,13 @@
-"""Thresholding of the denoised estimate (unifuse.thresholding): an identity when nothing is out of range, a
+"""Thresholding of the denoised estimate (unifuse.guidance.thresholding): an identity when nothing is out of range, a
 consistent (x0, eps) pair, the Imagen dynamic rule, and the cure for eps models that blow up near zero SNR."""
 import pytest
 import torch
 
 import unifuse as uf
 from unifuse.errors import UnifuseError
+from unifuse.guidance.thresholding import threshold
 from unifuse.parameterization.convert import coefficients
 from unifuse.testing import GaussianMixture
-from unifuse.thresholding import threshold
 
 F64 = torch.float64
 PATHS = ["ddpm-cosine", "vp-linear", "ve", "edm", "rf", "trigflow"]
@@ -81,3 +81,7 @@ def test_bad_thresholds_are_refused():
         threshold(model, 1.0, percentile=1.5)
     with pytest.raises(UnifuseError, match="wraps a uf.DiffusionModel"):
         threshold(object(), 1.0)
+
+
+def test_the_old_spelling_still_works():
+    assert uf.thresholding.threshold is threshold is uf.guidance.threshold

@@ -130,9 +130,9 @@ def test_generator_forms():
     torch.testing.assert_close(a[1:2], b)
 
 
-def test_repeated_calls_reuse_the_set_up_and_give_identical_samples(monkeypatch):
-    """A second uf.sample call with the same settings does no schedule work, returns the same samples as a
-    call with nothing kept (new path and model), and still stops at a non-finite step."""
+def test_repeated_calls_with_a_kept_plan_do_no_set_up_and_give_identical_samples(monkeypatch):
+    """A second uf.sample call with the same settings and a kept plan does no schedule work, returns the same
+    samples as a call with nothing kept, and still stops at a non-finite step."""
     path = uf.paths.DDPM.linear()
     oracle = GM.model(uf.paths.DDPM.linear(), "eps").net  # the exact eps on its own copy of the path
     broken = {"on": False}
@@ -142,49 +142,54 @@ def test_repeated_calls_reuse_the_set_up_and_give_identical_samples(monkeypatch)
 
     model = uf.DiffusionModel(net, path, "eps")
     noise = torch.randn(3, 4)
-    first = uf.sample(model, noise, "ddim", nfe=10, spacing="trailing")
+    plan = uf.samplers.Plan()
+    attributes = [dict(vars(o)) for o in (model, path)]
+    first = uf.sample(model, noise, "ddim", nfe=10, spacing="trailing", plan=plan)
+    assert attributes == [vars(o) for o in (model, path)]  # nothing is hung on the model or the path
     calls = []
     for name in ("coefficients", "alpha", "sigma", "t_from_log_snr", "log_snr"):
         original = getattr(path, name)
         monkeypatch.setattr(path, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
-    again = uf.sample(model, noise, "ddim", nfe=10, spacing="trailing")
+    again = uf.sample(model, noise, "ddim", nfe=10, spacing="trailing", plan=plan)
     assert calls == [] and torch.equal(first, again)
+    uf.sample(model, noise, "ddim", nfe=10, spacing="trailing")  # without a plan: the call does its own set-up
+    assert calls
     monkeypatch.undo()
-    fresh_path = uf.paths.DDPM.linear()
-    fresh = uf.DiffusionModel(net, fresh_path, "eps")
-    assert torch.equal(first, uf.sample(fresh, noise, "ddim", nfe=10, spacing="trailing"))
+    assert torch.equal(first, uf.sample(model, noise, "ddim", nfe=10, spacing="trailing"))
     broken["on"] = True  # trailing grid 999, 899, ..., 299, 199, ...: step 7 (from t = 299) is the first NaN
     with pytest.raises(uf.UnifuseError, match=r"non-finite value \(nan\).*step 7 of 10"):
-        uf.sample(model, noise, "ddim", nfe=10, spacing="trailing")
+        uf.sample(model, noise, "ddim", nfe=10, spacing="trailing", plan=plan)
 
 
-def test_kept_set_up_follows_the_model_path_batch_and_dtype():
-    """What is kept is keyed by the model's path and settings and by the batch, dtype and device: changing any
-    of them gives the samples of a model built with that setting from scratch."""
+def test_a_kept_plan_follows_the_model_path_batch_and_dtype():
+    """What a plan keeps is keyed by the model's path and settings and by the batch, dtype and device: changing
+    any of them gives the samples of a call with nothing kept."""
     model = GM.model(uf.paths.get("vp-linear"), "eps")
     noise = torch.randn(4, 4, dtype=F64)
-    uf.sample(model, noise, "dpmpp_2m", nfe=6, spacing="uniform")
+    plan = uf.samplers.Plan()
+    uf.sample(model, noise, "dpmpp_2m", nfe=6, spacing="uniform", plan=plan)
     model.path = uf.paths.VP.linear(0.5, 10.0)  # the same network read on another path (same uniform grid)
-    fresh = uf.DiffusionModel(model.net, model.path, "eps")
-    assert torch.equal(uf.sample(model, noise, "dpmpp_2m", nfe=6, spacing="uniform"),
-                       uf.sample(fresh, noise, "dpmpp_2m", nfe=6, spacing="uniform"))
-    uf.sample(model, noise, "ddim", nfe=6)
+    assert torch.equal(uf.sample(model, noise, "dpmpp_2m", nfe=6, spacing="uniform", plan=plan),
+                       uf.sample(model, noise, "dpmpp_2m", nfe=6, spacing="uniform"))
+    uf.sample(model, noise, "ddim", nfe=6, plan=plan)
     model.time_input = lambda t: 1000 * t  # another time input (the oracle net then sees other times)
-    fresh.time_input = model.time_input
-    assert torch.equal(uf.sample(model, noise, "ddim", nfe=6), uf.sample(fresh, noise, "ddim", nfe=6))
+    assert torch.equal(uf.sample(model, noise, "ddim", nfe=6, plan=plan), uf.sample(model, noise, "ddim", nfe=6))
     for x in (noise[:1], noise.float(), noise.reshape(4, 2, 2)):  # batch 1, float32, another shape
-        ref = uf.sample(uf.DiffusionModel(model.net, model.path, "eps", time_input=model.time_input), x, "ddim", nfe=6)
-        assert torch.equal(uf.sample(model, x, "ddim", nfe=6), ref)
+        assert torch.equal(uf.sample(model, x, "ddim", nfe=6, plan=plan), uf.sample(model, x, "ddim", nfe=6))
     on_edm = model.on(uf.paths.get("edm"))  # a re-expressed model: kept by its own key, same samples again
-    first = uf.sample(on_edm, noise, "heun", nfe=7)
-    assert torch.equal(uf.sample(on_edm, noise, "heun", nfe=7), first)
+    first = uf.sample(on_edm, noise, "heun", nfe=7, plan=plan)
+    assert torch.equal(uf.sample(on_edm, noise, "heun", nfe=7, plan=plan), first)
     assert torch.equal(uf.sample(model.on(uf.paths.get("edm")), noise, "heun", nfe=7), first)
+    grid = uf.paths.time_grid(model.path, 6, "logsnr")  # the low-level samplers take the same plan
+    assert torch.equal(uf.samplers.sample_unipc(model, noise, grid, plan=plan),
+                       uf.samplers.sample_unipc(model, noise, grid))
 
 
-def test_kept_set_up_is_bounded():
-    from unifuse.samplers.base import MEMO_ATTR, MEMO_SIZE
-
+def test_a_kept_plan_is_bounded_and_checked():
     model = model_on()
-    for nfe in range(1, 3 * MEMO_SIZE):
-        uf.sample(model, torch.randn(2, 4, dtype=F64), "ddim", nfe=nfe)
-    assert 0 < len(vars(model)[MEMO_ATTR]) <= MEMO_SIZE and 0 < len(vars(model.path)[MEMO_ATTR]) <= MEMO_SIZE
+    plan = uf.samplers.Plan(size=8)
+    for nfe in range(1, 12):
+        uf.sample(model, torch.randn(2, 4, dtype=F64), "ddim", nfe=nfe, plan=plan)
+    assert 0 < len(plan) <= 8
+    with pytest.raises(uf.UnifuseError, match="plan must be a uf.samplers.Plan"):
+        uf.sample(model, torch.randn(2, 4, dtype=F64), "ddim", nfe=4, plan={})

@@ -23,12 +23,13 @@ def tiny(preset="toy-moons", *more):
 
 
 def digest(folder):
-    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest() for f in sorted(os.listdir(folder))}
+    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest()
+            for f in sorted(os.listdir(folder))}
 
 
 def test_toy_model_learns_the_distribution(tmp_path):
-    from unifuse.metrics import sliced_wasserstein
     from unifuse.data import sample_toy
+    from unifuse.metrics import sliced_wasserstein
     from unifuse.training.build import build_model, build_net
     from unifuse.training.sampling import generate
 
@@ -38,10 +39,10 @@ def test_toy_model_learns_the_distribution(tmp_path):
     torch.manual_seed(cfg.train.seed)
     untrained = build_model(cfg, build_net(cfg, info))
     ref = sample_toy("8gaussians", 2000, torch.Generator().manual_seed(5))
-    before = sliced_wasserstein(generate(untrained.eval(), cfg, info, 2000, seed=1)[0], ref)
+    before = sliced_wasserstein(generate(untrained.eval(), cfg.sample, info, 2000, conditioning="none", seed=1)[0], ref)
     summary = train(cfg, str(tmp_path / "run"), progress=False)
     model, _ = load_model(str(tmp_path / "run"))
-    after = sliced_wasserstein(generate(model, cfg, info, 2000, seed=1)[0], ref)
+    after = sliced_wasserstein(generate(model, cfg.sample, info, 2000, conditioning="none", seed=1)[0], ref)
     floor = sliced_wasserstein(sample_toy("8gaussians", 2000, torch.Generator().manual_seed(6)), ref)
     assert summary["step"] == 150
     assert after < 0.2 * before and after < 10 * floor, (before, after, floor)
@@ -70,8 +71,9 @@ def test_checkpoint_round_trip(tmp_path):
 
 @pytest.mark.parametrize("preset,extra", [
     ("toy-moons", ["model.net_options.dropout=0.2"]),                               # dropout RNG, EDM loss
-    ("toy-moons", ["model.family=iddpm", "model.path=ddpm-cosine", "model.prediction=eps", "model.learned_variance=true",
-                   "objective.name=hybrid", "objective.options={timesteps: importance, history: 1}"]),
+    ("toy-moons", ["model.family=iddpm", "model.path=ddpm-cosine", "model.prediction=eps",
+                   "model.learned_variance=true", "objective.name=hybrid",
+                   "objective.options={timesteps: importance, history: 1}"]),
     ("toy-moons", ["model.family=ct", "model.prediction=consistency", "objective.name=ct",
                    "objective.options={stage_every: 2}", "model.net_options.dropout=0.2"]),
     ("toy-moons", ["data.cond=class", "optim.accumulate=2", "optim.posthoc_ema=true", "optim.posthoc_every=2"]),
@@ -153,7 +155,8 @@ def test_unknown_preset_and_bad_overrides():
     cfg = C.get_config("digits", ["optim.lr=1e-3", "model.net_options.depth=3", "optim.betas=[0.9, 0.99]"])
     assert cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.9, 0.99)
     assert cfg.model.net_options == dict(C.PRESETS["digits"].model.net_options, depth=3)  # a sub-key merges
-    assert C.get_config("digits", ["model.net_options={depth: 3}"]).model.net_options == {"depth": 3}  # a mapping replaces
+    # a mapping replaces
+    assert C.get_config("digits", ["model.net_options={depth: 3}"]).model.net_options == {"depth": 3}
 
 
 def test_every_required_preset_exists_and_builds():
@@ -169,7 +172,8 @@ def test_every_required_preset_exists_and_builds():
         cfg = C.PRESETS[name]
         model = build_model(cfg, build_net(cfg, info[cfg.data.name]))
         assert model.prediction == cfg.model.prediction and callable(build_objective(cfg))
-    assert C.load_config.__doc__ and C.to_dict(C.PRESETS["digits"])["model"]["family"] == C.PRESETS["digits"].model.family
+    assert C.load_config.__doc__
+    assert C.to_dict(C.PRESETS["digits"])["model"]["family"] == C.PRESETS["digits"].model.family
 
 
 def test_yaml_config_with_a_base_preset(tmp_path):
@@ -228,8 +232,9 @@ def test_cooldown_follows_the_time_budget(tmp_path):
 
     from unifuse.training import train
 
-    cfg = C.get_config("toy-moons", ["train.steps=100000", "train.minutes=0.03", "train.clock=process", "optim.cooldown=0.5",
-                                 "optim.warmup_steps=0", "train.log_every=1", "train.ckpt_every=100000"])
+    cfg = C.get_config("toy-moons", ["train.steps=100000", "train.minutes=0.03", "train.clock=process",
+                                     "optim.cooldown=0.5", "optim.warmup_steps=0", "train.log_every=1",
+                                     "train.ckpt_every=100000"])
     train(cfg, str(tmp_path / "run"), progress=False, log=lambda *a: None)
     lrs = [r["lr"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "lr" in r and "loss" in r]
     assert lrs[0] == pytest.approx(cfg.optim.lr) and lrs[-1] < 0.1 * cfg.optim.lr
@@ -244,11 +249,12 @@ def test_ctrl_c_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path):
     import sys
     import time
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     run = str(tmp_path / "run")
     flags = [x for o in TINY + ["train.threads=1"] for x in ("--set", o)]
-    proc = subprocess.Popen([sys.executable, "-m", "unifuse.cli", "train", "toy-moons", "--out", run, "--steps", "100000",
-                             "--no-progress"] + flags, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "unifuse.cli", "train", "toy-moons", "--out", run,
+                             "--steps", "100000", "--no-progress", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE"))
     metrics = os.path.join(run, "metrics.jsonl")
     deadline = time.time() + 120
