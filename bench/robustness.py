@@ -16,6 +16,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -60,7 +61,7 @@ def make_fixtures(work: str) -> None:
     os.makedirs(work, exist_ok=True)
     if not os.path.isdir(os.path.join(work, "run", "ckpt")):
         proc, _ = cli(["train", "digits", "--out", "{W}/run", "--steps", "60", "--set", "train.ckpt_every=30",
-                       "--no-progress"], work)
+                       "--set", "train.precision=fp32", "--no-progress"], work)
         assert proc.returncode == 0, proc.stderr
     folder = os.path.join(work, "folder")
     if not os.path.isdir(folder):
@@ -154,7 +155,9 @@ CASES = [
                                                 "--sampler", "euler_maruyama", "--nfe", "50", "--out", "{W}/seed-c"], "ok",
          same_samples("seed-c", "seed-d", ["sample", "--ckpt", "{W}/run", "--n", "16", "--seed", "5", "--batch", "16",
                                            "--sampler", "euler_maruyama", "--nfe", "50", "--out", "{W}/seed-d"])),
-    Case("sample --out unwritable", ["sample", "--ckpt", "{W}/run", "--n", "3000", "--out", "/proc/unifuse-out"], "refused"),
+    Case("sample --out unwritable", ["sample", "--ckpt", "{W}/run", "--n", "3000", "--out", "/proc/unifuse-out"], "refused",
+         lambda work, proc: ("%|" not in proc.stderr, "refused before sampling" if "%|" not in proc.stderr
+                             else "refused only after sampling")),
     Case("sample --out is a file", SAMPLE + ["--out", "{W}/afile"], "refused"),
     Case("sample --out inside the data folder", ["sample", "--ckpt", "{W}/frun", "--n", "8", "--out", "{W}/folder/s"],
          "refused"),
@@ -180,19 +183,45 @@ CASES = [
                                                "model.net_options.width=64", "--no-progress"], "refused"),
     Case("train SIGTERM", ["train", "digits", "--out", "{W}/term", "--steps", "100000", "--no-progress"], "refused",
          sigterm_checkpoint),
+    # added with issue 12's CLI features (engineer H2)
+    Case("sample --png --gif --dtype float64 metadata", SAMPLE + ["--out", "{W}/meta", "--png", "--gif", "--dtype",
+                                                                  "float64", "--nfe", "8"], "ok",
+         lambda work, proc: (lambda m: (m["nfe"] == 8 and m["dtype"] == "float64" and m["seed"] == 0
+                                        and len(os.listdir(os.path.join(work, "meta", "png"))) == 64
+                                        and os.path.isfile(os.path.join(work, "meta", "trajectory.gif")),
+                                        f"samples.json: {m['sampler']}, {m['nfe']} NFE, {m['spacing']}"))(
+             json.load(open(os.path.join(work, "meta", "samples.json"))))),
+    Case("samplers lists every sampler", ["samplers"], "ok",
+         lambda work, proc: ("heun" in proc.stdout and "euler_maruyama" in proc.stdout, "")),
+    Case("eval --out is a folder", ["eval", "--ckpt", "{W}/run", "--out", "{W}"], "refused"),
+    Case("train --out inside the data folder", ["train", "digits", "--out", "{W}/folder/run", "--steps", "5", "--set",
+                                                "data.name={W}/folder", "--set", "data.size=8", "--no-progress"],
+         "refused"),
+    Case("train --out is a file", ["train", "digits", "--out", "{W}/afile", "--steps", "5", "--no-progress"], "refused"),
+    Case("train data.heldout on digits", ["train", "digits", "--out", "{W}/ho", "--steps", "5", "--set",
+                                          "data.heldout=0.3", "--no-progress"], "refused"),
+    Case("train a folder with data.strict=true", ["train", "digits", "--out", "{W}/strict", "--steps", "5", "--set",
+                                                  "data.name={W}/folder", "--set", "data.size=8", "--set",
+                                                  "data.strict=true", "--no-progress"], "refused"),
+    Case("sample --dtype float16", SAMPLE + ["--out", "{W}/f16", "--dtype", "float16"], "refused"),
 ]
 
 
 def run_case(case: Case, work: str) -> dict:
     if case.setup:
         case.setup(work)
+    for flag, value in zip(case.argv, case.argv[1:]):  # a case's own output starts empty, so the bench reruns
+        out = value.replace("{W}", work)
+        if flag == "--out" and os.path.dirname(out) == work and os.path.basename(out) not in ("run", "folder"):
+            shutil.rmtree(out, ignore_errors=True)
     before = folder_files(work)
     sig = (8.0, signal.SIGTERM) if "SIGTERM" in case.name else None
     proc, seconds = cli(case.argv, work, signal_after=sig)
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     last = lines[-1] if lines else ""
-    if case.expect == "refused":
-        passed = proc.returncode != 0 and "Traceback" not in proc.stderr and bool(last)
+    if case.expect == "refused":  # one line of ours: no traceback, no raw exception passed through
+        raw = re.search(r"\b[A-Z]\w*(Error|Exception): |run with --debug", last)
+        passed = proc.returncode != 0 and "Traceback" not in proc.stderr and bool(last) and raw is None
     else:
         passed = proc.returncode == 0
     note = ""

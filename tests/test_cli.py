@@ -252,3 +252,108 @@ def test_class_subfolders_sample_by_name(tmp_path, capsys, monkeypatch):
     code, _, err = run(["train", "digits-text", "--out", str(tmp_path / "t"), "--steps", "1", "--no-progress",
                         "--set", f"data.name={tmp_path / 'shapes'}"], capsys)
     assert code == 1 and one_error_line(err) and "needs captions" in err and ".txt beside each image" in err, err
+
+
+# --- issue 12: outputs checked first, every flag takes effect or is refused, sample folders that explain themselves
+def test_sample_folder_has_metadata_pngs_and_a_gif(runs, tmp_path, capsys):
+    out = str(tmp_path / "s")
+    assert main(["sample", "--ckpt", runs["digits"], "--out", out, "--png", "--gif", "--device", "cpu", "--dtype",
+                 "float64", "--batch", "3"] + SAMPLE) == 0
+    meta = json.load(open(os.path.join(out, "samples.json")))
+    for key, value in (("sampler", "euler"), ("nfe", 2), ("seed", 1), ("batch", 3), ("device", "cpu"),
+                       ("dtype", "float64"), ("spacing", "karras"), ("step", 3), ("n", 4), ("guidance", None)):
+        assert meta[key] == value, key
+    assert meta["checkpoint"].endswith("step-00000003") and meta["library_version"]
+    assert sorted(os.listdir(os.path.join(out, "png"))) == [f"{i:06d}.png" for i in range(4)]
+    from PIL import Image
+
+    with Image.open(os.path.join(out, "trajectory.gif")) as gif:
+        assert gif.n_frames == 3  # the start and two steps
+    float32 = str(tmp_path / "f32")
+    assert main(["sample", "--ckpt", runs["digits"], "--out", float32, "--batch", "4"] + SAMPLE) == 0
+    assert np.abs(_samples(out)[0].astype(int) - _samples(float32)[0].astype(int)).max() <= 1  # same samples
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--batch", "0"], "--batch must be >= 1 (samples per sampler call, e.g. --batch 500), got 0"),
+    (["--batch", "-3"], "--batch must be >= 1"),
+    (["--nfe", "0"], "--nfe must be >= 1"),
+    (["--clip-denoised", "-1"], "--clip-denoised must be >= 0"),
+    (["--threshold-percentile", "0.99"], "add --clip-denoised 1"),
+    (["--clip-denoised", "1", "--threshold-percentile", "1.5"], "--threshold-percentile must be in [0, 1)"),
+    (["--dtype", "float16"], "invalid choice: 'float16'"),
+])
+def test_sample_flags_are_refused_in_one_line(runs, tmp_path, capsys, extra, needle):
+    out = tmp_path / "s"
+    try:
+        code, _, err = run(["sample", "--ckpt", runs["digits"], "--out", str(out), "--n", "4"] + extra, capsys)
+    except SystemExit as exit_:  # argparse
+        code, err = exit_.code, capsys.readouterr().err
+    assert code != 0 and one_error_line(err) and needle in err, err
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_outputs_are_refused_before_any_work(runs, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, _, err = run(["sample", "--ckpt", runs["digits"], "--out", str(afile)], capsys)
+    assert code == 1 and one_error_line(err) and "is a file, not a folder" in err
+    code, _, err = run(["eval", "--ckpt", runs["digits"], "--out", str(tmp_path)], capsys)
+    assert code == 1 and one_error_line(err) and "is a folder; give a file name" in err
+    code, _, err = run(["eval", "--ckpt", runs["digits"], "--out", "/proc/nope/eval.json"], capsys)
+    assert code == 1 and one_error_line(err) and "cannot be written" in err
+    if not __import__("torch").cuda.is_available():
+        code, _, err = run(["sample", "--ckpt", runs["digits"], "--out", str(tmp_path / "g"), "--device", "cuda"], capsys)
+        assert code == 1 and one_error_line(err) and "no CUDA GPU" in err and "--device cpu" in err
+
+
+def test_eval_refuses_zero_and_warns_on_few_samples(runs, tmp_path, capsys):
+    for extra, needle in ((["--n", "0"], "--n must be >= 1"), (["--nfe", "0"], "--nfe must be >= 1")):
+        code, _, err = run(["eval", "--ckpt", runs["digits"]] + extra, capsys)
+        assert code == 1 and one_error_line(err) and needle in err, err
+    code, out, err = run(["eval", "--ckpt", runs["digits"], "--n", "8", "--nfe", "2", "--sampler", "euler", "--out",
+                          str(tmp_path / "e.json"), "--device", "cpu"], capsys)
+    assert code == 0 and "warning: --n 8 is too few samples" in err
+    assert json.loads(out)["n"] == 8 and json.load(open(tmp_path / "e.json"))["device"] == "cpu"
+
+
+def test_train_refuses_an_out_inside_its_image_folder(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(4):
+        Image.new("L", (8, 8), i * 40).save(tmp_path / "imgs" / f"{i}.png")
+    code, _, err = run(["train", "digits", "--out", str(tmp_path / "imgs" / "run"), "--set",
+                        f"data.name={tmp_path / 'imgs'}", "--steps", "1"], capsys)
+    assert code == 1 and one_error_line(err) and "inside the training image folder" in err, err
+    assert sorted(os.listdir(tmp_path / "imgs")) == [f"{i}.png" for i in range(4)]
+
+
+def test_set_model_family_trains_that_family_and_resume_keeps_the_network(tmp_path, capsys):
+    run_dir = str(tmp_path / "rf")
+    code, _, err = run(["train", "digits", "--out", run_dir, "--steps", "1", "--no-progress", "--set",
+                        "model.family=rf", "--set", "train.precision=fp32"] + TINY_DIGITS, capsys)
+    assert code == 0, err
+    meta = json.load(open(os.path.join(run_dir, "ckpt", "step-00000001", "checkpoint.json")))
+    assert (meta["path"], meta["prediction"], meta["config"]["objective"]["name"]) == ("rf", "velocity", "flow")
+    assert meta["precision"] == "fp32"
+    code, _, err = run(["train", "--resume", run_dir, "--steps", "2", "--set", "model.net_options.width=64"], capsys)
+    assert code == 1 and one_error_line(err) and "trained with model.net_options.width=32" in err, err
+
+
+def test_samplers_and_help_list_choices_and_an_example(capsys):
+    from unifuse.samplers import SAMPLERS
+
+    code, out, _ = run(["samplers"], capsys)
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert code == 0 and set(rows) == set(SAMPLERS)
+    assert rows["heun"].split()[1] == "2" and "karras" in rows["heun"] and "variant" in rows["dpmpp_2m"]
+    for command in ("train", "sample", "eval", "presets", "samplers", "demo", "distill", "finetune"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "example:\n  unifuse " + command in text, command
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = capsys.readouterr().out
+    assert "dpmpp_2m" in text and "karras" in text and "float64" in text and "--png" in text and "--gif" in text

@@ -24,7 +24,8 @@ from .parameterization import defined_at_zero_snr
 FAMILIES = ("ddpm", "iddpm", "vpsde", "vesde", "edm", "rf", "trigflow", "ct")
 OBJECTIVES = ("ddpm", "hybrid", "dsm", "edm", "flow", "trigflow", "ct")
 CONDITIONS = ("none", "class", "text")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
+MAX_IMAGE_SIZE = 512        # data.size above this is refused before any image is decoded
 TOYS = ("moons", "8gaussians", "checkerboard", "swissroll")
 
 
@@ -36,6 +37,8 @@ class DataConfig:
     p_uncond: float = 0.1           # label dropout: a label becomes -1 (the null class) with this probability
     size: int = 32                  # image folders: side in pixels after the centre crop and resize
     channels: int = 0               # image folders: 1 grayscale, 3 RGB, 0 grayscale if every file is
+    heldout: float = 0.15           # image folders: held-out split, a fraction (< 1) or a count (>= 1) per class
+    strict: bool = False            # image folders: refuse unreadable files (listing them) instead of skipping them
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class TrainConfig:
     sample_every: int = 0           # a sample grid every N steps (0: only at the end)
     ckpt_every: int = 500
     keep: int = 2                   # checkpoints kept on disk
-    precision: str = "fp32"         # fp32 | bf16 (autocast)
+    precision: str = "fp32"         # auto | fp32 | bf16 (autocast); auto: bf16 where the hardware runs it natively
     compile: bool = False           # torch.compile the network (GPU)
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     threads: int = 0                # CPU threads per process; 0 leaves torch's default
@@ -134,7 +137,8 @@ FAMILY_PARTS = {
 
 # Per data set: network, batch, optimizer and precision. Chosen by measurement on the 2-core CPU
 # (docs/benchmarks/training.md): on 8x8 digits an MLP on the flattened image learns far more per CPU-second than
-# the U-Net, bf16 autocast is ~1.7x faster at equal quality, and an inverse-square-root learning-rate decay
+# the U-Net, bf16 autocast is ~1.7x faster at equal quality where the CPU runs bf16 natively (precision "auto": fp32
+# elsewhere, where bf16 is emulated and 18x slower), and an inverse-square-root learning-rate decay
 # after 150 steps with a 50k-image EMA halves the Frechet distance of a constant rate. The digits MLP runs
 # 1.5x faster on one thread than on two (its matrices are too small to split). At batch 512 it sees 1.5x more
 # images per CPU-second than at 128; with Adam's beta2 = 0.99 (EDM2) and EDM noise levels centred higher (log sigma
@@ -142,9 +146,9 @@ FAMILY_PARTS = {
 # 2.5 minutes fell from 1.33x the floor to 1.01x (batch 512, beta2 0.99) and 0.89x (batch 512, those noise levels).
 DATASET_PARTS = {
     "digits": dict(net="mlp-toy", net_options={"width": 512}, batch=512, lr=2e-3, decay_after=150, steps=8000,
-                   ema_halflife=50000.0, precision="bf16", threads=1, betas=(0.9, 0.99), edm_noise=(-0.4, 1.0)),
+                   ema_halflife=50000.0, precision="auto", threads=1, betas=(0.9, 0.99), edm_noise=(-0.4, 1.0)),
     "mnist":  dict(net="unet-mnist", net_options={}, batch=64, lr=1e-3, decay_after=150, steps=6000,
-                   ema_halflife=50000.0, precision="bf16", threads=0),
+                   ema_halflife=50000.0, precision="auto", threads=0),
     "toy":    dict(net="mlp-toy", net_options={}, batch=256, lr=2e-3, decay_after=0, steps=2000,
                    ema_halflife=20000.0, precision="fp32", threads=0),
 }
@@ -157,35 +161,54 @@ def family_config(family: str, dataset: str = "digits", *, cond: str = "none", n
     choose("family", family, FAMILY_PARTS)
     kind = "toy" if dataset in TOYS or dataset.startswith("toy-") else choose("dataset", dataset, DATASET_PARTS)
     data_name = dataset.removeprefix("toy-")
+    d = DATASET_PARTS[kind]
+    steps = d["steps"]
+    model, objective, sample = family_sections(family, kind, steps)
+    cfg = Config(
+        name=name or f"{dataset}-{family}",
+        description=f"{family} on {data_name}" + ("" if cond == "none" else f", {cond}-conditional"),
+        data=DataConfig(name=data_name, batch=d["batch"], cond=cond, p_uncond=0.1),
+        model=replace(model, net=d["net"], net_options=dict(d["net_options"])),
+        objective=objective,
+        optim=OptimConfig(lr=d["lr"], betas=d.get("betas", (0.9, 0.999)), ema_halflife=d["ema_halflife"],
+                          warmup_steps=min(200, steps // 10), decay_after=d["decay_after"]),
+        train=TrainConfig(steps=steps, ckpt_every=max(100, steps // 8), log_every=max(1, min(25, steps // 100)),
+                          precision=d["precision"], threads=d["threads"]),
+        sample=sample,
+    )
+    return validate(cfg)
+
+
+def family_sections(family: str, kind: str, steps: int, sample: SampleConfig | None = None):
+    """(ModelConfig, ObjectiveConfig, SampleConfig) of `family` on a data set of kind digits, mnist or toy: the
+    path, prediction, objective and sampler a preset of that family has (the network fields are defaults)."""
     path, prediction, objective, learned_variance, options, sampler, nfe = FAMILY_PARTS[family]
     d = DATASET_PARTS[kind]
     options = dict(options)
     if objective == "edm" and "edm_noise" in d:
         options.update(mean=d["edm_noise"][0], std=d["edm_noise"][1])
     if family == "ct":
-        options["stage_every"] = max(1, d["steps"] // CT_STAGE_FRACTION)
-    path_options = {"sigma_d": 0.5} if path == "trigflow" else {}
+        options["stage_every"] = max(1, steps // CT_STAGE_FRACTION)
     if kind == "toy":
         sampler, nfe = ("consistency", 2) if family == "ct" else ("heun", 31)
-    steps = d["steps"]
-    cfg = Config(
-        name=name or f"{dataset}-{family}",
-        description=f"{family} on {data_name}" + ("" if cond == "none" else f", {cond}-conditional"),
-        data=DataConfig(name=data_name, batch=d["batch"], cond=cond, p_uncond=0.1),
-        model=ModelConfig(family=family, net=d["net"], net_options=dict(d["net_options"]), path=path,
-                          path_options=path_options, prediction=prediction, sigma_data=0.5,
-                          learned_variance=learned_variance),
-        objective=ObjectiveConfig(name=objective, options=options),
-        optim=OptimConfig(lr=d["lr"], betas=d.get("betas", (0.9, 0.999)), ema_halflife=d["ema_halflife"],
-                          warmup_steps=min(200, steps // 10), decay_after=d["decay_after"]),
-        train=TrainConfig(steps=steps, ckpt_every=max(100, steps // 8), log_every=max(1, min(25, steps // 100)),
-                          precision=d["precision"], threads=d["threads"]),
-        # kinds undefined at zero SNR (eps: x0 = (x - sigma eps) / alpha) blow up there: on images in [-1, 1] they
-        # clip the denoised estimate, as improved-diffusion's clip_denoised does (unifuse.thresholding)
-        sample=SampleConfig(sampler=sampler, nfe=nfe,
-                            clip_denoised=1.0 if kind != "toy" and not defined_at_zero_snr(prediction) else 0.0),
-    )
-    return validate(cfg)
+    model = ModelConfig(family=family, path=path, path_options={"sigma_d": 0.5} if path == "trigflow" else {},
+                        prediction=prediction, sigma_data=0.5, learned_variance=learned_variance)
+    # kinds undefined at zero SNR (eps: x0 = (x - sigma eps) / alpha) blow up there: on images in [-1, 1] they
+    # clip the denoised estimate, as improved-diffusion's clip_denoised does (unifuse.thresholding)
+    clip = 1.0 if kind != "toy" and not defined_at_zero_snr(prediction) else 0.0
+    sample = replace(sample or SampleConfig(), sampler=sampler, nfe=nfe, spacing="", clip_denoised=clip)
+    return model, ObjectiveConfig(name=objective, options=options), sample
+
+
+def switch_family(cfg: Config, family: str) -> Config:
+    """cfg as a run of `family`: path, prediction, objective and sampler of the family's presets (network, data,
+    optimizer and training settings kept). What `--set model.family=F` does."""
+    choose("model.family", family, FAMILY_PARTS)
+    name = cfg.data.name
+    kind = "toy" if name in TOYS else name if name in DATASET_PARTS else "digits"
+    model, objective, sample = family_sections(family, kind, cfg.train.steps, cfg.sample)
+    model = replace(model, net=cfg.model.net, net_options=dict(cfg.model.net_options))
+    return replace(cfg, model=model, objective=objective, sample=sample)
 
 
 def _presets() -> dict:
@@ -215,6 +238,9 @@ def validate(cfg: Config) -> Config:
     checks = [
         (d.batch >= 1, f"data.batch must be >= 1, got {d.batch}"),
         (d.size >= 4, f"data.size must be at least 4 pixels, got {d.size}"),
+        (d.size <= MAX_IMAGE_SIZE, f"data.size={d.size} is above the limit of {MAX_IMAGE_SIZE} pixels (the images and "
+                                   f"the network would not fit in memory); use data.size={MAX_IMAGE_SIZE} or less"),
+        (d.heldout >= 0, f"data.heldout must be a fraction in [0, 1) or a count >= 1, got {d.heldout}"),
         (d.channels in (0, 1, 3), f"data.channels must be 1 (grayscale), 3 (RGB) or 0 (automatic), got {d.channels}"),
         (0.0 <= d.p_uncond < 1.0, f"data.p_uncond must be in [0, 1), got {d.p_uncond}"),
         (cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}"),
@@ -353,8 +379,17 @@ def parse_override(text: str) -> tuple:
 
 
 def apply_overrides(cfg: Config, overrides: Sequence[str] = ()) -> Config:
-    """Apply dotted `key.sub=value` overrides; dict fields accept sub-keys (model.net_options.channels=32)."""
-    for text in overrides or ():
+    """Apply dotted `key.sub=value` overrides; dict fields accept sub-keys (model.net_options.channels=32).
+    `model.family=F` first makes the run one of family F (`switch_family`: its path, prediction, objective and
+    sampler), then the other overrides apply on top of it."""
+    overrides = list(overrides or ())
+    families = [text for text in overrides if text.split("=", 1)[0].strip() == "model.family"]
+    for text in families:
+        family = parse_override(text)[1]
+        if not isinstance(family, str):
+            raise UnifuseError(f"override {text!r}: model.family needs a family name, one of {', '.join(FAMILIES)}")
+        cfg = switch_family(cfg, family)
+    for text in (t for t in overrides if t not in families):
         parts, value = parse_override(text)
         obj, path = cfg, []
         # Walk to the deepest dataclass; remaining parts address keys inside a dict field.
@@ -422,6 +457,9 @@ def load_config(path) -> Config:
     base = d.pop("base", None)
     if base is not None:
         choose("preset", base, PRESETS)
+        family = (d.get("model") or {}).get("family") if isinstance(d.get("model"), Mapping) else None
+        if isinstance(family, str) and family != PRESETS[base].model.family:  # base: digits + model.family: rf
+            return from_dict(d, switch_family(PRESETS[base], family))
     return from_dict(d, PRESETS[base] if base is not None else None)
 
 
@@ -433,5 +471,6 @@ def save_config(cfg: Config, path) -> str:
 
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "ObjectiveConfig", "OptimConfig", "TrainConfig", "SampleConfig",
-           "EvalConfig", "PRESETS", "FAMILIES", "FAMILY_PARTS", "family_config", "list_presets", "validate",
-           "apply_overrides", "parse_override", "from_dict", "to_dict", "get_config", "load_config", "save_config"]
+           "EvalConfig", "PRESETS", "FAMILIES", "FAMILY_PARTS", "family_config", "family_sections", "switch_family",
+           "list_presets", "validate", "apply_overrides", "parse_override", "from_dict", "to_dict", "get_config",
+           "load_config", "save_config"]

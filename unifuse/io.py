@@ -8,6 +8,7 @@ an image-folder scan never picks it up; on any failure it is removed and the old
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -57,6 +58,39 @@ def _temporary(path: str, ext: str) -> str:
     return os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{ext}")
 
 
+def remove_temporaries(folder) -> list:
+    """Remove the temporary files and folders that `atomic_write` / `atomic_folder` left in `folder` when their
+    process was killed mid-write (a name `.NAME.tmp-PID-HEX`, PID no longer running); returns what it removed."""
+    folder = os.fspath(folder)
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in os.listdir(folder):
+        if not name.startswith(".") or ".tmp-" not in name:
+            continue
+        pid = name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # another process is writing it now
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def write_text(path, text: str, *, sync: bool = False) -> str:
     """A text file written atomically."""
     def write(tmp):
@@ -70,4 +104,4 @@ def write_json(path, obj, *, indent: int = 1, sync: bool = False) -> str:
     return write_text(path, json.dumps(obj, indent=indent), sync=sync)
 
 
-__all__ = ["atomic_folder", "atomic_write", "write_json", "write_text"]
+__all__ = ["atomic_folder", "atomic_write", "remove_temporaries", "write_json", "write_text"]

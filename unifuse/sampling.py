@@ -8,11 +8,15 @@ exceeded:
   one evaluation per step (ddim, ddpm, euler, multistep, SDE): nfe steps;
   single-step methods of order p (heun, midpoint, edm_stochastic, dpm_solver_2/3, dpmpp_2s): 1 evaluation for
     the final step, then as many order-p steps as fit and one lower-order step for the remainder
-    (DPM-Solver-fast's rule); a step from zero SNR is first order for the exponential integrators;
+    (DPM-Solver-fast's rule); a step from zero SNR is first order for the exponential integrators; at low
+    budgets first-order steps instead of a few huge order-p ones (`singlestep_plan`);
   pc: levels of (n_corrector + 1) evaluations; a remainder removes correctors from the first levels;
   consistency: the first nfe noisy times of the spacing's (nfe + 1)-step grid (the least noisy one, where
     re-noising would change almost nothing, is skipped);
   adaptive: nfe is an upper bound; exceeding it raises.
+A planned grid on which the sampler cannot reach the data (tried first on an exact data-like model on the
+model's path: `samplers.checks`) is refused in one line naming an NFE that works, before any network call.
+Sampling runs under `torch.no_grad()` unless `grad=True`.
 The grid and every quantity that depends on time alone (schedule, prepared evaluations, step coefficients) are
 computed before the loop into a `uf.samplers.Plan`; pass the same `plan=` to repeated calls and those with the
 same settings, batch size, dtype and device do no set-up work (without one, each call makes its own).
@@ -29,6 +33,7 @@ from . import samplers as _samplers
 from .errors import UnifuseError
 from .parameterization.kinds import defined_at_zero_snr
 from .paths import time_grid
+from .samplers import checks as _checks
 from .samplers.plan import Plan, as_plan
 
 F64 = torch.float64
@@ -42,11 +47,24 @@ class Trajectory(NamedTuple):
     denoised: list
 
 
+LOW_NFE = 20  # budgets up to here end a single-step plan with first-order steps (see `singlestep_plan`)
+
+
 def singlestep_plan(nfe: int, max_order: int, zero_start: bool, remainder: str = "last") -> list:
-    """Orders of the non-final steps of a single-step method so that sum(orders) + 1 == nfe."""
+    """Orders of the non-final steps of a single-step method so that sum(orders) + 1 == nfe.
+
+    At low budgets the evaluations go to more first-order steps rather than a few huge high-order ones:
+    with fewer than three order-p steps every step is first order, and up to LOW_NFE the step onto the
+    least noisy time is first order (a Heun corrector evaluated there, after a long step, sees a slope of
+    almost zero and halves the move). Above LOW_NFE the plan is DPM-Solver-fast's, e.g. EDM's Heun at 35."""
     budget, orders = nfe - 1, []
     if zero_start and budget > 0:
         orders, budget = [1], budget - 1
+    if budget < 3 * max_order:
+        return orders + [1] * budget
+    if nfe <= LOW_NFE:
+        q = (budget - 1) // max_order
+        return orders + [max_order] * q + [1] * (budget - max_order * q)
     q, r = divmod(budget, max_order)
     body = [max_order] * q
     if r:
@@ -152,11 +170,40 @@ def _user_grid(path, sampler: str, spacing, nfe, options: dict) -> tuple:
     return ts, extra, cost if cost is not None else nfe, float(path.sigma(ts[:1])[0])
 
 
+def _planned(model, sampler: str, nfe: int, spacing, grid_kw: dict, options: dict, plan: Plan) -> tuple:
+    """`planned_grid` for the model (kept in `plan`), refused in one line where the sampler's discretisation
+    on that grid cannot reach the data (`samplers.checks`), naming an NFE that works."""
+    path, spec = model.path, _samplers.get(sampler)
+    zero_ok = defined_at_zero_snr(getattr(model, "prediction", None))  # eps and score are not (alpha = 0)
+    n_corrector = options.get("n_corrector", 1) if spec.cost == "pc" else None
+    key = ("uf.sample grid", path, sampler, nfe, spacing, *grid_kw.values(), zero_ok, n_corrector)
+    ts, extra, prior = plan.remember(key, lambda: planned_grid(path, sampler, nfe, spacing, grid_kw, zero_ok, options))
+    extra = {k: list(v) if isinstance(v, list) else v for k, v in extra.items()}  # own copies per call
+
+    def score(n):
+        if spec.cost == "adaptive" or n > _checks.PROBE_MAX_NFE:
+            return None
+        grid, more, _ = planned_grid(path, sampler, n, spacing, grid_kw, zero_ok, options) if n != nfe else (ts, extra, 0)
+        pred = getattr(model, "prediction", None)
+        return plan.remember(("probe",) + key[1:3] + (n,) + key[4:] + (pred, tuple(sorted(options.items()))),
+                             lambda: _checks.probe(spec.fn, path, pred, grid, more, options))
+
+    bad = lambda n: (score(n) or 0.0) > _checks.SENSIBLE
+    if bad(nfe):
+        works = next((n for n in range(nfe + 1, _checks.PROBE_MAX_NFE + 1) if not bad(n)), None)
+        fix = f"use nfe >= {works}" if works else "use another sampler, such as 'dpmpp_2m'"
+        if spacing != spec.spacing and works is None:
+            fix = f"use spacing={spec.spacing!r} (the sampler's default) or another sampler, such as 'dpmpp_2m'"
+        raise UnifuseError(f"sampler {sampler!r} at nfe={nfe} on the {spacing!r} grid of this path does not reach "
+                           f"the data (its steps are too large: checked on an exact data-like model); {fix}")
+    return ts, extra, prior
+
+
 def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | None = None, *, spacing=None,
            generator=None, cond: dict | None = None, guidance=None, guidance_options: dict | None = None,
            return_trajectory: bool = False, return_info: bool = False, progress: bool | None = None,
            rho: float = 7.0, shift: float = 3.0, sigma_min: float | None = None, sigma_max: float | None = None,
-           plan: Plan | None = None, **options):
+           plan: Plan | None = None, grad: bool = False, **options):
     """Sample from `model` starting at standard normal `noise` with exactly `nfe` network evaluations.
 
     spacing: a name of `uf.paths.SPACINGS` (default: the sampler's own, e.g. "logsnr" for DPM-Solver) or a
@@ -166,6 +213,10 @@ def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | Non
     guidance: a classifier-free guidance scale (the model is wrapped by `uf.guidance.classifier_free`).
     progress: a tqdm bar over the steps (default: on for nfe >= 100 in a terminal).
     plan: a `uf.samplers.Plan` kept between calls (the grid and all time-only work are then made once).
+    grad: False (default) samples under `torch.no_grad()`: no graph, the memory of one step. True keeps the
+    graph through every step, so a loss on the samples reaches the network's parameters (reward fine-tuning
+    by backpropagation). no_grad rather than inference_mode: inference tensors can never enter autograd
+    later, which would break a user who trains on the samples; the saving of inference_mode is negligible here.
     Returns x, plus a `Trajectory` if return_trajectory, plus an info dict (nfe, steps, grid, guidance
     evaluation counts) if return_info."""
     spec = _samplers.get(sampler)
@@ -181,22 +232,17 @@ def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | Non
         from .guidance import classifier_free  # lazy: guidance is optional
 
         model = classifier_free(model, guidance, **(guidance_options or {}))
+    source = _samplers.NoiseSource(generator, noise.shape[0])  # a bad generator is refused before any work
     path = model.path
     t_max = float(getattr(model, "t_max", path.t_max))
     if isinstance(spacing, (torch.Tensor, list, tuple)):
         ts, extra, nfe, prior = _user_grid(path, sampler, spacing, nfe, options)
     else:
         nfe = _check_nfe(spec.default_nfe if nfe is None else nfe)
-        spacing = spec.spacing if spacing is None else spacing
-        zero_ok = defined_at_zero_snr(getattr(model, "prediction", None))  # eps and score are not (alpha = 0)
-        grid_kw = dict(rho=rho, shift=shift, sigma_min=sigma_min, sigma_max=sigma_max, t_max=t_max)
-        n_corrector = options.get("n_corrector", 1) if spec.cost == "pc" else None
-        key = ("uf.sample grid", path, sampler, nfe, spacing, rho, shift, sigma_min, sigma_max, t_max, zero_ok,
-               n_corrector)
         plan = as_plan(plan, "uf.sample")
-        ts, extra, prior = plan.remember(key, lambda: planned_grid(path, sampler, nfe, spacing, grid_kw, zero_ok,
-                                                                   options))
-        extra = {k: list(v) if isinstance(v, list) else v for k, v in extra.items()}  # own copies per call
+        ts, extra, prior = _planned(model, sampler, nfe, spec.spacing if spacing is None else spacing,
+                                    dict(rho=rho, shift=shift, sigma_min=sigma_min, sigma_max=sigma_max, t_max=t_max),
+                                    options, plan)
     if progress is None:  # a bar for long runs in a terminal
         progress = (nfe or 0) >= 100 and sys.stderr.isatty()
     x = noise * prior
@@ -207,11 +253,11 @@ def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | Non
         records.denoised.append(None if denoised is None else denoised.detach().clone())
 
     info = {}
-    source = _samplers.NoiseSource(generator, noise.shape[0])
     if hasattr(model, "reset_counts"):
         model.reset_counts()
-    out = spec.fn(model, x, ts, cond=cond, noise=source, callback=record if return_trajectory else None,
-                  progress=progress, info=info, plan=plan, **extra, **options)
+    with torch.set_grad_enabled(bool(grad)):
+        out = spec.fn(model, x, ts, cond=cond, noise=source, callback=record if return_trajectory else None,
+                      progress=progress, info=info, plan=plan, **extra, **options)
     if spec.cost != "adaptive" and nfe is not None and info.get("nfe") != nfe:
         raise RuntimeError(f"internal error: sampler {sampler!r} used {info.get('nfe')} evaluations for nfe={nfe}")
     out = out.to(noise.dtype) if out.dtype != noise.dtype else out

@@ -197,3 +197,38 @@ def test_folder_size_and_channels_come_from_the_config(tmp_path, monkeypatch):
         C.get_config("digits", ["data.channels=2"])
     with pytest.raises(UnifuseError, match="data.size must be at least 4"):
         C.get_config("digits", ["data.size=2"])
+
+
+# --- issue 12: unreadable files, the held-out split, the size limit ---------------------------------------------
+def test_unreadable_files_are_skipped_with_their_names_or_refused(tmp_path, capfd):
+    from unifuse.data.images import load_folder_set
+
+    _png_folder(tmp_path / "imgs", [f"{c}/{i}.png" for c in "ab" for i in range(5)])
+    (tmp_path / "imgs" / "a" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "imgs" / "b" / "cut.png").write_bytes((tmp_path / "imgs" / "b" / "0.png").read_bytes()[:60])
+    cache = str(tmp_path / "cache")
+    for _ in range(2):  # decoded, then from the cache: the same images and the same warning
+        data = load_folder_set(str(tmp_path / "imgs"), "all", size=8, cache_dir=cache)
+        assert len(data) == 10 and data.labels.tolist() == [0] * 5 + [1] * 5
+    err = capfd.readouterr().err
+    assert err.count("warning: skipped 2 unreadable image file(s)") == 1 and "a/broken.png, b/cut.png" in err
+    with pytest.raises(UnifuseError, match=r"2 image file\(s\) .* cannot be read: a/broken.png, b/cut.png; fix or "
+                                           "remove them, or set data.strict=false"):
+        load_folder_set(str(tmp_path / "imgs"), "all", size=8, cache_dir=cache, strict=True)
+    names = sorted(p.name for p in (tmp_path / "imgs" / "a").iterdir())
+    assert names == ["0.png", "1.png", "2.png", "3.png", "4.png", "broken.png"]  # nothing written into the folder
+
+
+def test_heldout_split_is_a_fraction_or_a_count(tmp_path):
+    from unifuse.data.images import load_folder_set
+
+    _png_folder(tmp_path / "imgs", [f"{c}/{i}.png" for c in "ab" for i in range(10)])
+    load = lambda split, **kw: load_folder_set(str(tmp_path / "imgs"), split, size=4, cache_dir=str(tmp_path / "c"),
+                                               **kw)
+    assert (len(load("train")), len(load("heldout"))) == (16, 4)  # 15% of each class, rounded
+    assert (len(load("train", heldout=0.5)), len(load("heldout", heldout=0.5))) == (10, 10)
+    assert len(load("heldout", heldout=6)) == 6 and load("heldout", heldout=6).labels.bincount().tolist() == [3, 3]
+    assert len(load("heldout", heldout=0)) == 0 and len(load("train", heldout=0)) == 20
+    assert len(load("train", heldout=100)) == 2  # every class keeps one training image
+    with pytest.raises(UnifuseError, match="outside 4..512 pixels"):
+        load_folder_set(str(tmp_path / "imgs"), size=2048)

@@ -218,3 +218,11 @@ def test_captioned_folder_trains_text_conditional_through_the_loader(tmp_path, m
         name.unlink()
     with pytest.raises(UnifuseError, match=r"needs captions, but image folder .* has none; add captions.jsonl"):
         build_data(cfg)
+
+
+def test_sample_captions_depend_only_on_the_sample_index():
+    from unifuse.data.captions import sample_captions
+
+    every = sample_captions(torch.arange(12) % 10)
+    assert sample_captions(torch.arange(4, 12) % 10, start=4) == every[4:]
+    assert len(every) == 12 and len(set(every)) > 1

@@ -17,6 +17,7 @@ import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ..errors import UnifuseError, choose
@@ -73,6 +74,16 @@ def captions_for(labels, split: str = "train", generator: torch.Generator | None
     pool = templates(split)
     picks = torch.randint(len(pool), (labels.shape[0],), generator=generator)
     return [caption(int(y), pool[int(i)]) for y, i in zip(labels, picks)]
+
+
+def sample_captions(labels, split: str = "heldout", seed: int = 0, start: int = 0) -> list:
+    """One caption per label for samples start, start + 1, ...: sample i's template depends only on (seed, i),
+    so a caption does not change with how many samples are drawn or how they are batched."""
+    pool = templates(split)
+    labels = torch.as_tensor(labels).reshape(-1)
+    picks = [int(np.random.SeedSequence([seed, start + i]).generate_state(1)[0]) % len(pool)
+             for i in range(labels.shape[0])]
+    return [caption(int(y), pool[k]) for y, k in zip(labels, picks)]
 
 
 class CaptionBank(NamedTuple):
@@ -263,6 +274,6 @@ def captions_for_files(files: Sequence[str], captions: dict[str, str], path: str
     return out
 
 
-__all__ = ["WORDS", "TRAIN_TEMPLATES", "HELDOUT_TEMPLATES", "templates", "caption", "captions_for", "CaptionBank",
-           "caption_bank", "find_captions", "read_captions", "captions_for_files", "folder_captions", "caption_vocabulary",
-           "SIDECAR"]
+__all__ = ["WORDS", "TRAIN_TEMPLATES", "HELDOUT_TEMPLATES", "templates", "caption", "captions_for", "sample_captions",
+           "CaptionBank", "caption_bank", "find_captions", "read_captions", "captions_for_files", "folder_captions",
+           "caption_vocabulary", "SIDECAR"]

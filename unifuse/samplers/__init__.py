@@ -9,6 +9,8 @@ name to its function and its cost rule (how an NFE budget becomes a grid); `uf.s
 that builds the grid from `nfe` and `spacing`. Every sampler and `uf.sample` take `plan=`, a `Plan` the caller
 keeps so that repeated calls do their time-only set-up once (`plan`). The one-step functions `step_*` (`steps`)
 take one step from s to t, with a time per sample if wanted (e.g. a distillation teacher's step).
+`generators(seed, start, count)` are the per-sample noise streams of samples start..start+count-1 (what an int
+seed gives a batch), so that sample i depends only on (seed, i) however a run is batched.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import NamedTuple
 
 from ..errors import choose
 from .ancestral import sample_ddim, sample_ddpm
-from .base import NoiseSource, randn
+from .base import NoiseSource, generators, randn
 from .consistency import sample_consistency
 from .multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_ipndm, sample_unipc
 from .ode import sample_adaptive, sample_edm_stochastic, sample_euler, sample_heun, sample_midpoint
@@ -74,8 +76,8 @@ SAMPLERS = {
     "unipc": Sampler(sample_unipc, "step", 3, "logsnr", ("order", "variant", "lower_order_final", "corrector",
                                                           "denoise_corrected")),
     "ipndm": Sampler(sample_ipndm, "step", 4, "karras", ("order", "lower_order_final", "variable")),
-    "euler_maruyama": Sampler(sample_euler_maruyama, "step", 1, "uniform", (), True, default_nfe=1000),
-    "pc": Sampler(sample_pc, "pc", 1, "uniform", ("predictor", "snr", "n_corrector", "step_rule"), True,
+    "euler_maruyama": Sampler(sample_euler_maruyama, "step", 1, "logsnr", (), True, default_nfe=1000),
+    "pc": Sampler(sample_pc, "pc", 1, "logsnr", ("predictor", "snr", "n_corrector", "step_rule"), True,
                   default_nfe=1000),
     "midpoint": Sampler(sample_midpoint, "stage", 2, "karras", ()),
     "consistency": Sampler(sample_consistency, "renoise", 1, "karras", (), True, default_nfe=2),
@@ -95,7 +97,7 @@ def get(name: str) -> Sampler:
 
 
 __all__ = ["SAMPLERS", "Sampler", "available", "get", "Plan", "GaussianStep", "NoiseSource", "Schedule", "schedule",
-           "randn",
+           "randn", "generators",
            "sample_ddpm", "sample_ddim", "sample_euler", "sample_heun", "sample_edm_stochastic", "sample_dpm_solver_1",
            "sample_dpm_solver_2", "sample_dpm_solver_3", "sample_dpmpp_2s", "sample_dpmpp_2m", "sample_dpmpp_3m",
            "sample_dpmpp_2m_sde", "sample_unipc", "sample_ipndm", "sample_euler_maruyama", "sample_pc",

@@ -57,6 +57,18 @@ def _seed_for(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed) & (2**63 - 1), int(index)]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def generators(seed: int, start: int, count: int) -> list:
+    """The per-sample streams of samples start .. start + count - 1 of base seed `seed`: the streams an int
+    seed gives (`NoiseSource(seed, batch)` uses generators(seed, 0, batch)), so a batch of any size, taken
+    from anywhere in a run, draws exactly what one large batch would. Draw the initial noise with
+    `randn(shape, generator=gens)` and pass the same list to the sampler: its noise continues each stream."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise UnifuseError(f"seed must be an integer, got {seed!r}")
+    if start < 0 or count < 0:
+        raise UnifuseError(f"start and count must be >= 0, got start={start}, count={count}")
+    return [torch.Generator().manual_seed(_seed_for(int(seed), i)) for i in range(start, start + count)]
+
+
 class NoiseSource:
     """Standard normal draws for stochastic steps.
 
@@ -78,7 +90,7 @@ class NoiseSource:
         if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
             if batch is None:
                 raise UnifuseError("an int seed needs the batch size to make one stream per sample")
-            generator = [_seed_for(int(generator), i) for i in range(batch)]
+            generator = generators(int(generator), 0, batch)
         if isinstance(generator, Sequence) and len(generator) > 0:
             gens = []
             for g in generator:

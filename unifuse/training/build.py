@@ -23,7 +23,10 @@ def build_data(cfg, split: str = "train"):
 
     folder = folder_path(cfg.data.name)
     text_folder = cfg.data.cond == "text" and folder is not None
-    options = {} if folder is None else {"size": cfg.data.size, "channels": cfg.data.channels or None}
+    if folder is None:
+        refuse_folder_keys(cfg)
+    options = {} if folder is None else {"size": cfg.data.size, "channels": cfg.data.channels or None,
+                                         "heldout": cfg.data.heldout, "strict": cfg.data.strict}
     if text_folder:
         options["captions"] = True
     data = load_dataset(cfg.data.name, split, **options)
@@ -37,6 +40,19 @@ def build_data(cfg, split: str = "train"):
         raise UnifuseError(f"data.cond={cfg.data.cond!r} needs class labels, but data set {cfg.data.name!r} has none; "
                            f"{fix}")
     return data
+
+
+def refuse_folder_keys(cfg) -> None:
+    """data.size, data.channels, data.heldout and data.strict describe image folders; on a bundled set they
+    would be silently ignored, so a changed value is refused."""
+    from ..config import DataConfig
+
+    default = DataConfig()
+    for key in ("size", "channels", "heldout", "strict"):
+        if getattr(cfg.data, key) != getattr(default, key):
+            raise UnifuseError(f"data.{key}={getattr(cfg.data, key)!r} applies to image folders only, but data.name is "
+                               f"{cfg.data.name!r} (a bundled set with a fixed size and split); drop it or set "
+                               "data.name=folder:<path>")
 
 
 def data_info(data) -> dict:
@@ -146,9 +162,14 @@ class Batches:
 
     def __post_init__(self):
         self.global_micro = self.micro_batch * self.world
-        if self.global_micro > len(self.data):
-            raise UnifuseError(f"a batch of {self.global_micro} is larger than the data set ({len(self.data)} items); "
-                               "lower data.batch")
+        if len(self.data) == 0:
+            raise UnifuseError(f"data set {self.data.name!r} has no training items; add data or lower data.heldout")
+        if self.global_micro > len(self.data) and self.rank == 0:
+            import sys
+
+            print(f"warning: a micro-batch of {self.global_micro} is larger than the data set ({len(self.data)} items): "
+                  "each batch takes whole epochs back to back, so it repeats items; lower data.batch to avoid this",
+                  file=sys.stderr, flush=True)
         self._perm_epoch, self._perm = None, None
 
     def _permutation(self):
@@ -159,12 +180,26 @@ class Batches:
 
     def next(self):
         """(x, labels or None) for this process."""
-        if self.position + self.global_micro > len(self.data):
-            self.epoch, self.position = self.epoch + 1, 0
-        idx = self._permutation()[self.position + self.rank * self.micro_batch:][: self.micro_batch]
-        self.position += self.global_micro
+        if self.global_micro > len(self.data):
+            idx = self._spanning()[self.rank * self.micro_batch:][: self.micro_batch]
+        else:
+            if self.position + self.global_micro > len(self.data):
+                self.epoch, self.position = self.epoch + 1, 0
+            idx = self._permutation()[self.position + self.rank * self.micro_batch:][: self.micro_batch]
+            self.position += self.global_micro
         labels = self.data.labels[idx] if self.data.labels is not None else None
         return self.data.images[idx], labels
+
+    def _spanning(self) -> torch.Tensor:
+        """A global micro-batch larger than the data set: the rest of this epoch's permutation, then the next."""
+        parts, need = [], self.global_micro
+        while need > 0:
+            take = self._permutation()[self.position:self.position + need]
+            parts.append(take)
+            need, self.position = need - len(take), self.position + len(take)
+            if self.position >= len(self.data):
+                self.epoch, self.position = self.epoch + 1, 0
+        return torch.cat(parts)
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

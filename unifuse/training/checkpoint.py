@@ -23,7 +23,7 @@ import shutil
 import torch
 
 from ..errors import UnifuseError
-from ..io import atomic_folder, write_json
+from ..io import atomic_folder, remove_temporaries, write_json
 
 FORMAT = "unifuse-checkpoint"
 
@@ -80,6 +80,7 @@ def save_checkpoint(run_dir: str, step: int, *, meta: dict, keep: int = 2, **fil
         write_json(os.path.join(folder, "checkpoint.json"), dict(meta, format=FORMAT, step=int(step), files=hashes),
                    sync=True)
 
+    remove_temporaries(root)  # folders of a save that was killed half-way
     final = atomic_folder(os.path.join(root, name), write)
     write_json(os.path.join(root, "latest.json"), {"dir": name, "step": int(step)}, sync=True)
     # Prune the oldest checkpoints (never the one just written).
@@ -125,7 +126,20 @@ def read_meta(folder: str) -> dict:
                            "use another checkpoint folder") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
         raise UnifuseError(f"{path} is not a unifuse checkpoint sidecar; use a folder written by unifuse train")
+    for key in ("step", "images"):
+        value = meta.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UnifuseError(f"checkpoint sidecar {path} has {key}={value!r}, not a whole number >= 0; restore "
+                               "the file (the folder name step-N gives the step) or use another checkpoint folder")
     return meta
+
+
+def load_error(err: Exception) -> str:
+    """The informative line of a load_state_dict error (its first line only names the module)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    text = (useful or lines or [type(err).__name__])[0]
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def load_tensors(folder: str, key: str, meta: dict | None = None) -> dict:
@@ -170,8 +184,8 @@ def load_model(run_dir: str, ema=True, device="cpu"):
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
-        raise UnifuseError(f"the weights in {folder} do not fit the network in its sidecar: "
-                           f"{str(err).splitlines()[0]}") from None
+        raise UnifuseError(f"the weights in {folder} do not fit the network in its sidecar ({load_error(err)}); "
+                           "use the checkpoint with the unifuse version that wrote it") from None
     model = build_model(cfg, net.to(device))
     model.eval()
     return model, cfg
@@ -188,5 +202,5 @@ def rebuild_net(meta: dict, cfg, build_net):
     return build_net(cfg, meta["data"])
 
 
-__all__ = ["find_checkpoint", "load_model", "load_tensors", "optimizer_state", "optimizer_tensors", "read_meta",
+__all__ = ["find_checkpoint", "load_error", "load_model", "load_tensors", "optimizer_state", "optimizer_tensors", "read_meta",
            "rebuild_net", "save_checkpoint"]

@@ -37,17 +37,39 @@ class Env:
         return self.world > 1
 
 
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """"auto" -> the local GPU when there is one, else the CPU; "cuda" -> this process's GPU."""
+def pick_device(name: str = "auto", local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """"auto" -> the local GPU when there is one, else the CPU; "cuda" -> this process's GPU. `key` names the
+    setting in messages (train.device, or a flag such as --device)."""
+    said = (lambda v: f"{key} {v}") if key.startswith("-") else (lambda v: f"{key}={v}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UnifuseError(f"train.device={name!r} but no CUDA GPU is available; use train.device=cpu")
-        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+            raise UnifuseError(f"{said(name)} but no CUDA GPU is available on this machine; use {said('cpu')}")
+        index = name.split(":", 1)[1] if ":" in name else str(local_rank)
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise UnifuseError(f"{said(name)} but this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 .. "
+                               f"cuda:{torch.cuda.device_count() - 1}); use {said('cuda:0')}")
+        return torch.device(f"cuda:{index}")
     if name != "cpu":
-        raise UnifuseError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+        raise UnifuseError(f"unknown device {name!r} ({said(name)}); use auto, cpu, cuda or cuda:N")
     return torch.device("cpu")
+
+
+def resolve_precision(precision: str, device) -> str:
+    """train.precision -> "bf16" or "fp32". "auto" takes bf16 autocast only where the hardware runs it natively
+    (a CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX); elsewhere bf16 is emulated and much slower than fp32
+    (18x on an AVX2-only CPU), so "auto" means fp32 there."""
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return "bf16" if native else "fp32"
 
 
 def setup(device: str = "auto") -> Env:
@@ -113,4 +135,4 @@ def wrap(net: torch.nn.Module, env: Env) -> torch.nn.Module:
 
 
 __all__ = ["Env", "setup", "teardown", "barrier", "all_sum", "gather_objects", "broadcast_object", "wrap",
-           "pick_device"]
+           "pick_device", "resolve_precision"]

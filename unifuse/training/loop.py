@@ -4,7 +4,8 @@
     train(cfg, "runs/x", resume="runs/x")       continue it exactly (same weights as never stopping, on CPU)
 
 AdamW with linear warm-up (and an optional inverse-square-root decay), gradient clipping, gradient
-accumulation, EDM's EMA (and EDM2 power-function EMA snapshots for post-hoc EMA), bf16 autocast, optional
+accumulation, EDM's EMA (and EDM2 power-function EMA snapshots for post-hoc EMA), bf16 autocast (train.precision
+"auto": where the hardware runs it natively, `distributed.resolve_precision`), optional
 torch.compile, DDP under torchrun, a step budget and a wall-clock budget, JSON-lines metrics, a progress
 bar, periodic sample grids and atomic safetensors checkpoints (the run folder's part lives in `run.py`). A
 non-finite loss or gradient stops the run with one message and writes nothing, so the last good checkpoint
@@ -68,7 +69,7 @@ def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, lo
     step, images = run.start(
         nets={"model": net, "ema": ema.net}, optimizers={"optimizer": opt},
         states={"objective": objective, "phema": phema}, generators={"gen": gen, "data": data_gen}, batches=batches,
-        meta=describe(cfg, net, info),
+        meta=dict(describe(cfg, net, info), precision=run.precision),
         grid=lambda png: sample_grid(ema_model, cfg.sample, info, png, dev, conditioning=cfg.data.cond))
     for group in opt.param_groups:  # the config, not a resumed checkpoint, decides these (no silent leftovers)
         group["betas"], group["weight_decay"] = tuple(o.betas), o.weight_decay
@@ -78,7 +79,7 @@ def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, lo
     model = build_model(cfg, train_net)
     model.train()
     conditioner = Conditioner(cfg, dev, info)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=run.precision == "bf16")
 
     # --- 5. the loop -------------------------------------------------------------------------
     with run.loop():

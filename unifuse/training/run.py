@@ -1,10 +1,10 @@
-"""A training run as any loop sees it: the folder, resume, checkpoints, metrics, Ctrl-C, progress and grids.
+"""A training run as any loop sees it: the folder, resume, checkpoints, metrics, signals, progress and grids.
 
     run = Run(cfg, "runs/x", resume=None)          # refuses a folder holding a run; joins torchrun's processes
     step, images = run.start(nets={"model": net, "ema": ema.net}, optimizers={"optimizer": opt},
                              states={"objective": objective}, generators={"gen": gen}, batches=batches,
                              meta={...}, grid=lambda png: ...)   # resumes when asked, opens the folder
-    with run.loop():                               # the time budget's clock; Ctrl-C ends the step, then stops
+    with run.loop():                               # the time budget's clock; Ctrl-C or SIGTERM: checkpoint, stop
         while step < cfg.train.steps:
             ...                                    # one optimizer step, as the loop likes it
             loss = run.agree(step, loss, finite, lr)     # one collective: mean loss, NaN check, time spent
@@ -21,7 +21,7 @@ distillation loop hands a student and its own optimizers the same way); the run 
                          and the events diverged and end   RUN/ckpt/     checkpoints (`checkpoint.py`)
 
 Every process restores and saves its own random streams, so a resumed run continues bit for bit (after
-kill -9 from the last checkpoint, after Ctrl-C from the step it finished).
+kill -9 from the last checkpoint, after Ctrl-C or SIGTERM from the step it finished).
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ import torch
 from .. import __version__
 from ..config import save_config, to_dict
 from ..errors import UnifuseError
-from ..io import write_text
+from ..io import remove_temporaries, write_text
 from . import distributed
-from .checkpoint import find_checkpoint, load_tensors, optimizer_state, optimizer_tensors, read_meta, save_checkpoint
+from .checkpoint import find_checkpoint, load_error, load_tensors, optimizer_state, optimizer_tensors, read_meta, save_checkpoint
 from .plots import plot_loss_curve
 
 
@@ -56,6 +56,8 @@ class Run:
         self.cfg, self.out, self.resume, self.progress, self.log = cfg, out, resume, progress, log
         self.env = distributed.setup(cfg.train.device)
         self.device = self.env.device
+        self.precision = distributed.resolve_precision(cfg.train.precision, self.device)  # "auto" -> bf16 or fp32
+        self.interrupt = _InterruptFlag(enabled=False)  # signals are caught from `loop` on
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         self.start_time = time.time()
@@ -82,6 +84,7 @@ class Run:
         self.generators = generators or {}
         step, images = self._restore() if self.resume is not None else (0, 0)
         if self.env.main:
+            remove_temporaries(self.path("ckpt"))  # left by a run killed while it saved
             os.makedirs(self.path("samples"), exist_ok=True)
             save_config(self.cfg, self.path("config.yaml"))
             truncate_metrics(self.path("metrics.jsonl"), step)
@@ -99,8 +102,7 @@ class Run:
                 opt.load_state_dict(optimizer_state(load_tensors(folder, key, meta), meta[key]))
         except (RuntimeError, ValueError, KeyError) as err:
             raise UnifuseError(f"the checkpoint {folder} does not fit the configured network or optimizer "
-                               f"({str(err).splitlines()[0][:200]}); resume without changing model.* "
-                               "settings") from None
+                               f"({load_error(err)}); resume without changing model.* settings") from None
         extra = load_tensors(folder, "training", meta)
         if self.batches is not None:
             self.batches.epoch, self.batches.position = meta["batches"]["epoch"], meta["batches"]["position"]
@@ -136,8 +138,8 @@ class Run:
 
     @contextlib.contextmanager
     def loop(self):
-        """Around the loop: the time budget's clock starts, a progress bar runs, and the first Ctrl-C lets the
-        current step finish, checkpoint and stop (a second one interrupts at once)."""
+        """Around the loop: the time budget's clock starts, a progress bar runs, and the first Ctrl-C or SIGTERM
+        lets the current step finish, checkpoint and stop (a second one interrupts at once)."""
         from tqdm.auto import tqdm
 
         t = self.cfg.train
@@ -146,7 +148,8 @@ class Run:
         self.clock_start, self._tick = self.clock(), time.time()
         self.bar = tqdm(total=t.steps, initial=self._tick_step, disable=not (self.progress and self.env.main),
                         desc="train", unit="step", dynamic_ncols=True)
-        self.interrupt = _InterruptFlag(enabled=not self.env.distributed)
+        # SIGINT, SIGTERM from now on (the CLI catches them from its start): finish the step, checkpoint, stop
+        self.interrupt = _InterruptFlag.adopt(enabled=not self.env.distributed)
         try:
             yield self
         finally:
@@ -173,7 +176,7 @@ class Run:
     def end_step(self, step: int, images: int, loss: float, **scalars) -> bool:
         """After optimizer step `step`: a metrics line every train.log_every steps (the mean loss since the last
         one, then `scalars` as they are now), a sample grid and a checkpoint when due. True: stop now (the time
-        budget is spent or Ctrl-C was pressed)."""
+        budget is spent or Ctrl-C or SIGTERM arrived)."""
         t = self.cfg.train
         self._loss_sum, self._loss_steps = self._loss_sum + loss, self._loss_steps + 1
         stopping = self.spent > 1.0 or self.interrupt.raised
@@ -241,13 +244,14 @@ class Run:
         summary = {"step": step, "images": images, "loss": self.last_loss,
                    "seconds": round(time.time() - self.start_time, 2), "checkpoint": self.last_checkpoint,
                    "stopped_by": self.stopped_by, "weights_sha256": digest, "ranks_in_sync": len(set(digests)) == 1,
-                   "rank": self.env.rank, "world": self.env.world}
+                   "rank": self.env.rank, "world": self.env.world, "precision": self.precision,
+                   "signal": None if self.interrupt.signum is None else int(self.interrupt.signum)}
         if self.env.main:
             if step > 0:
                 self._grid("final.png")
                 plot_loss_curve(self.path("metrics.jsonl"), self.path("loss.png"))
             append_metrics(self.path("metrics.jsonl"), {"step": step, "event": "end", "stopped_by": self.stopped_by,
-                                                        "seconds": summary["seconds"]})
+                                                        "seconds": summary["seconds"], "precision": self.precision})
         distributed.teardown(self.env)
         return summary
 
@@ -255,30 +259,65 @@ class Run:
 # --- helpers -------------------------------------------------------------------------------------
 
 class _InterruptFlag:
-    """The first Ctrl-C sets a flag that the loop reads between steps (so the checkpoint it then writes is
-    a consistent state); a second Ctrl-C interrupts at once."""
+    """The first Ctrl-C (SIGINT) or SIGTERM (what `timeout`, SLURM and Kubernetes send) sets a flag that the loop
+    reads between steps, so the checkpoint it then writes is a consistent state; a second one interrupts at once.
+    Installed by `Run.loop` (by `catch_stop_signals` earlier, so a signal during the set-up still ends in a
+    checkpoint after one step)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self, enabled: bool = True):
         import signal
         import threading
 
-        self.raised, self.previous = False, None
+        self.raised, self.signum, self.previous = False, None, {}
         if enabled and threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            for name in self.SIGNALS:
+                num = getattr(signal, name)
+                self.previous[num] = signal.signal(num, self._handle)
 
     def _handle(self, signum, frame):
         import signal
+        import sys
 
-        self.raised = True
-        signal.signal(signal.SIGINT, self.previous or signal.default_int_handler)
-        print("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)", flush=True)
+        self.raised, self.signum = True, signum
+        for num in self.previous:  # the next signal interrupts at once, as Ctrl-C does: `finally` blocks still
+            signal.signal(num, signal.default_int_handler)  # run, so a half-written checkpoint is removed
+        print(f"\n{signal.Signals(signum).name}: finishing this step and writing a checkpoint (send it again to "
+              "abort)", file=sys.stderr, flush=True)
+
+    _early = None  # installed by catch_stop_signals before the run exists
+
+    @classmethod
+    def adopt(cls, enabled: bool = True) -> _InterruptFlag:
+        """The flag `catch_stop_signals` installed (with any signal it already caught), else a new one."""
+        early, cls._early = cls._early, None
+        if early is not None and enabled:
+            return early
+        if early is not None:
+            early.restore()
+        return cls(enabled)
 
     def restore(self) -> None:
         import signal
 
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
+        for num, handler in self.previous.items():
+            signal.signal(num, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+
+def catch_stop_signals() -> None:
+    """Catch SIGINT and SIGTERM from now on (the CLI calls this first), so that a signal that arrives while the
+    data and the network are built still ends in a checkpoint; the next Run takes the flag over."""
+    if _InterruptFlag._early is None:
+        _InterruptFlag._early = _InterruptFlag()
+
+
+def release_stop_signals() -> None:
+    """Give back the handlers `catch_stop_signals` replaced, if no run took them over."""
+    early, _InterruptFlag._early = _InterruptFlag._early, None
+    if early is not None:
+        early.restore()
 
 
 def weights_digest(*nets) -> str:
@@ -328,4 +367,4 @@ def truncate_metrics(path: str, step: int) -> None:
         write_text(path, "".join(json.dumps(rec) + "\n" for rec in keep))
 
 
-__all__ = ["Run", "TrainingDiverged", "latest_checkpoint", "weights_digest"]
+__all__ = ["Run", "TrainingDiverged", "catch_stop_signals", "latest_checkpoint", "release_stop_signals", "weights_digest"]

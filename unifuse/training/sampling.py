@@ -1,6 +1,7 @@
 """Many samples from a trained model in batches, as the CLI, the training grids and the benchmarks need them.
 
-`generate` draws the noise batch by batch from seeded generators, picks the condition (a class, balanced
+`generate` draws the noise batch by batch from one seeded generator per sample (sample i depends only on
+(seed, i), whatever the batch size), picks the condition (a class, balanced
 classes, or a prompt), applies classifier-free guidance when asked, and calls `uf.sample` with the run's
 sampler settings (a `SampleConfig`, `cfg.sample`) or the caller's. It takes the built model, the sampler
 settings and what it needs to know of the data (the checkpoint's data info and the run's conditioning),
@@ -45,12 +46,12 @@ def condition_for(model, info: dict, conditioning: str, n: int, *, class_label=N
         caps = info["captions"]
         emb = encode([caps[i % len(caps)] for i in range(n)], device=device)
         return {"text": emb.tokens, "text_mask": emb.mask}, None
-    if kind == "text":
-        from ..data.captions import captions_for
+    if kind == "text":  # digit captions: sample i's class and template depend only on i
+        from ..data.captions import sample_captions
         from ..data.text import encode
 
         labels = torch.arange(n) % info["num_classes"]
-        emb = encode(captions_for(labels, "heldout", torch.Generator().manual_seed(0)), device=device)
+        emb = encode(sample_captions(labels, "heldout"), device=device)
         return {"text": emb.tokens, "text_mask": emb.mask}, labels
     return None, None
 
@@ -68,21 +69,21 @@ def _classifier_guided(model) -> bool:
     return False
 
 
-def generate(model, sample_cfg, info: dict, n: int, *, conditioning: str, seed: int = 0, device="cpu",
-             batch: int = 500, sampler=None, nfe=None, spacing=None, class_label=None, prompt=None, guidance=None,
-             guidance_options=None, clip_denoised=None, threshold_percentile=None, progress: bool = False):
-    """(samples [n, *shape] in data units, labels [n] or None) from `model` with the sampler settings
-    `sample_cfg` (a run's `cfg.sample`) unless overridden; conditioning is the run's data.cond.
-    clip_denoised > 0 (default: sample_cfg.clip_denoised) clips the denoised estimate to that range after any
-    guidance, dynamically at quantile threshold_percentile when that is > 0 (`unifuse.thresholding`)."""
-    from tqdm.auto import tqdm
+def sample_streams(seed: int, start: int, count: int) -> list:
+    """One torch.Generator per sample for samples start .. start + count - 1 of `seed`: sample i's stream depends
+    only on (seed, i) (`uf.samplers.generators`; the same seeds `NoiseSource` gives an int seed)."""
+    from .. import samplers
 
-    from ..sampling import sample
+    if hasattr(samplers, "generators"):
+        return samplers.generators(seed, start, count)
+    from ..samplers.base import _seed_for
 
-    sampler = sampler or sample_cfg.sampler
-    nfe = int(nfe or sample_cfg.nfe)
-    spacing = spacing if spacing is not None else sample_cfg.spacing
-    cond, labels = condition_for(model, info, conditioning, n, class_label=class_label, prompt=prompt, device=device)
+    return [torch.Generator().manual_seed(_seed_for(int(seed), i)) for i in range(start, start + count)]
+
+
+def sampling_model(model, sample_cfg, cond, *, guidance=None, guidance_options=None, clip_denoised=None,
+                   threshold_percentile=None):
+    """`model` with classifier-free guidance (when asked) and then the run's or the caller's thresholding."""
     if guidance is not None and cond is None:
         raise UnifuseError("--guidance needs a conditional model and a condition (--class or --prompt, or a "
                            "class-conditional run)")
@@ -92,25 +93,61 @@ def generate(model, sample_cfg, info: dict, n: int, *, conditioning: str, seed: 
         model = classifier_free(model, float(guidance), **(guidance_options or {}))
     clip = float(sample_cfg.clip_denoised if clip_denoised is None else clip_denoised)
     percentile = float(sample_cfg.threshold_percentile if threshold_percentile is None else threshold_percentile)
+    if clip < 0:
+        raise UnifuseError(f"--clip-denoised must be >= 0 (0 = off, 1 = images in [-1, 1]), got {clip:g}")
+    if not 0.0 <= percentile < 1.0:
+        raise UnifuseError(f"--threshold-percentile must be in [0, 1) (e.g. 0.995), got {percentile:g}")
+    if percentile > 0 and clip == 0:
+        raise UnifuseError(f"--threshold-percentile {percentile:g} thresholds the clipped denoised estimate, but "
+                           "clipping is off for this run; add --clip-denoised 1")
     if clip > 0:
         from ..guidance import threshold
 
         model = threshold(model, clip, percentile if percentile > 0 else None)
-    model = model.to(device) if isinstance(model, torch.nn.Module) else model
-    shape = tuple(info["shape"])
-    out = []
+    return model
+
+
+def generate(model, sample_cfg, info: dict, n: int, *, conditioning: str, seed: int = 0, device="cpu",
+             batch: int = 500, sampler=None, nfe=None, spacing=None, class_label=None, prompt=None, guidance=None,
+             guidance_options=None, clip_denoised=None, threshold_percentile=None, progress: bool = False,
+             dtype=torch.float32, trajectory: bool = False):
+    """(samples [n, *shape] in data units, labels [n] or None) from `model` with the sampler settings
+    `sample_cfg` (a run's `cfg.sample`) unless overridden; conditioning is the run's data.cond.
+    clip_denoised > 0 (default: sample_cfg.clip_denoised) clips the denoised estimate to that range after any
+    guidance, dynamically at quantile threshold_percentile when that is > 0 (`unifuse.thresholding`).
+    Sample i (its noise, its stochastic steps, its label or caption) depends only on (seed, i), whatever `batch`.
+    dtype: the sampling precision (float32 or float64). trajectory=True adds a third result, the first batch's
+    `uf.sample` Trajectory (for a GIF)."""
+    from tqdm.auto import tqdm
+
+    from ..samplers import randn
+    from ..sampling import sample
+
+    if batch < 1:
+        raise UnifuseError(f"--batch must be >= 1 (samples per sampler call), got {batch}; e.g. --batch 500")
+    sampler = sampler or sample_cfg.sampler
+    nfe = int(nfe or sample_cfg.nfe)
+    spacing = spacing if spacing is not None else sample_cfg.spacing
+    cond, labels = condition_for(model, info, conditioning, n, class_label=class_label, prompt=prompt, device=device)
+    model = sampling_model(model, sample_cfg, cond, guidance=guidance, guidance_options=guidance_options,
+                           clip_denoised=clip_denoised, threshold_percentile=threshold_percentile)
+    model = model.to(device=device, dtype=dtype) if isinstance(model, torch.nn.Module) else model
+    shape, out, path = tuple(info["shape"]), [], None
     with torch.no_grad():
-        for b, lo in enumerate(tqdm(range(0, n, batch), disable=not progress, desc="sample", leave=False)):
+        for lo in tqdm(range(0, n, batch), disable=not progress, desc="sample", leave=False):
             m = min(batch, n - lo)
-            g = torch.Generator(device).manual_seed(seed * 1_000_003 + b)
-            noise = torch.randn((m,) + shape, generator=g, device=device)
-            kw = {"generator": g}
+            gens = sample_streams(seed, lo, m)
+            noise = randn((m,) + shape, generator=gens).to(device=device, dtype=dtype)
+            kw = {"generator": gens, "return_trajectory": trajectory and lo == 0}
             if spacing:
                 kw["spacing"] = spacing
             if cond is not None:
                 kw["cond"] = {k: v[lo:lo + m] for k, v in cond.items()}
-            out.append(sample(model, noise, sampler=sampler, nfe=nfe, **kw).float().cpu())
-    return torch.cat(out), labels
+            x = sample(model, noise, sampler=sampler, nfe=nfe, **kw)
+            if kw["return_trajectory"]:
+                x, path = x
+            out.append(x.float().cpu())
+    return (torch.cat(out), labels, path) if trajectory else (torch.cat(out), labels)
 
 
-__all__ = ["generate", "condition_for"]
+__all__ = ["condition_for", "generate", "sample_streams", "sampling_model"]
