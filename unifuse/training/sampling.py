@@ -69,18 +69,6 @@ def _classifier_guided(model) -> bool:
     return False
 
 
-def sample_streams(seed: int, start: int, count: int) -> list:
-    """One torch.Generator per sample for samples start .. start + count - 1 of `seed`: sample i's stream depends
-    only on (seed, i) (`uf.samplers.generators`; the same seeds `NoiseSource` gives an int seed)."""
-    from .. import samplers
-
-    if hasattr(samplers, "generators"):
-        return samplers.generators(seed, start, count)
-    from ..samplers.base import _seed_for
-
-    return [torch.Generator().manual_seed(_seed_for(int(seed), i)) for i in range(start, start + count)]
-
-
 def sampling_model(model, sample_cfg, cond, *, guidance=None, guidance_options=None, clip_denoised=None,
                    threshold_percentile=None):
     """`model` with classifier-free guidance (when asked) and then the run's or the caller's thresholding."""
@@ -120,7 +108,7 @@ def generate(model, sample_cfg, info: dict, n: int, *, conditioning: str, seed: 
     `uf.sample` Trajectory (for a GIF)."""
     from tqdm.auto import tqdm
 
-    from ..samplers import randn
+    from ..samplers import Plan, generators, randn
     from ..sampling import sample
 
     if batch < 1:
@@ -133,12 +121,13 @@ def generate(model, sample_cfg, info: dict, n: int, *, conditioning: str, seed: 
                            clip_denoised=clip_denoised, threshold_percentile=threshold_percentile)
     model = model.to(device=device, dtype=dtype) if isinstance(model, torch.nn.Module) else model
     shape, out, path = tuple(info["shape"]), [], None
+    plan = Plan()  # the grid and its set-up work, made once for all batches
     with torch.no_grad():
         for lo in tqdm(range(0, n, batch), disable=not progress, desc="sample", leave=False):
             m = min(batch, n - lo)
-            gens = sample_streams(seed, lo, m)
+            gens = generators(seed, lo, m)
             noise = randn((m,) + shape, generator=gens).to(device=device, dtype=dtype)
-            kw = {"generator": gens, "return_trajectory": trajectory and lo == 0}
+            kw = {"generator": gens, "plan": plan, "return_trajectory": trajectory and lo == 0}
             if spacing:
                 kw["spacing"] = spacing
             if cond is not None:
@@ -150,4 +139,4 @@ def generate(model, sample_cfg, info: dict, n: int, *, conditioning: str, seed: 
     return (torch.cat(out), labels, path) if trajectory else (torch.cat(out), labels)
 
 
-__all__ = ["condition_for", "generate", "sample_streams", "sampling_model"]
+__all__ = ["condition_for", "generate", "sampling_model"]
