@@ -75,13 +75,9 @@ def sample_metrics(x, labels, info: dict, cfg, seed: int = 0) -> dict:
 def folder_metrics(x, labels, cfg, seed: int = 0) -> dict:
     """`unifuse.metrics.evaluate_folder` against the folder's held-out images (its training images when the
     held-out split is empty, data.heldout=0)."""
-    from .. import metrics
+    from ..metrics import evaluate_folder
     from .build import build_data
 
-    evaluate_folder = getattr(metrics, "evaluate_folder", None)
-    if evaluate_folder is None:
-        raise UnifuseError("metrics for an image folder need unifuse.metrics.evaluate_folder, which this version "
-                           "lacks; update unifuse, or sample with unifuse sample and compare the images yourself")
     real, split = build_data(cfg, "heldout"), "heldout"
     if len(real) == 0:
         real, split = build_data(cfg, "train"), "train"
