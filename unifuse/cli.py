@@ -5,6 +5,7 @@
                    [--guidance W] [--guidance-interval LO,HI] [--classifier DIR [--classifier-scale S]]
                    [--autoguide RUN --guidance W] [--device D] [--dtype T] [--png] [--gif]
     unifuse eval --ckpt RUN [--n K] [--nll] [--device D] [--dtype T]
+    unifuse distill [METHOD] --teacher RUN --out DIR [--minutes M | --steps N] [--seed S] [--set k=v ...]
     unifuse samplers | presets
     unifuse demo [--out runs/demo] [--minutes M]
 
@@ -23,7 +24,7 @@ import time
 from .errors import UnifuseError
 from .io import write_json
 
-NOT_YET = ("distill", "finetune", "bench")
+NOT_YET = ("finetune", "bench")
 DTYPES = ("float32", "float64")
 
 
@@ -36,6 +37,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
+    from .distill import METHODS
+    from .distill.loop import RECOMMENDED
     from .paths import SPACINGS
     from .samplers import SAMPLERS
 
@@ -62,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "--sampler dpmpp_2m --nfe 10 --n 64 --png", samplers + spacings))
     _add_eval(add("eval", "sample and measure a trained run (Frechet distance, NLL)",
                   "unifuse eval --ckpt runs/digits --n 1000 --device cuda", samplers + spacings))
+    _add_distill(add("distill", "distil a many-step teacher run into a one- to four-step student",
+                     "unifuse distill cd --teacher runs/digits --out runs/digits-cd --minutes 10",
+                     _wrap("methods: " + ", ".join(METHODS) + f"; without METHOD: {RECOMMENDED} (the best at equal time "
+                           "in bench/distill.py); options: --set distill.options.KEY=VALUE (docs/distill.md)")))
     add("presets", "list the named training presets", "unifuse presets")
     add("samplers", "list the samplers: order, NFE rule, default spacing, default NFE, options",
         "unifuse samplers")
@@ -100,6 +107,22 @@ def _add_train(t) -> None:
     t.add_argument("--seed", type=int)
     t.add_argument("--resume", metavar="RUN", help="continue the run (or checkpoint folder) RUN exactly")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_distill(d) -> None:
+    d.add_argument("method", nargs="?", help="distillation method (default: the recommended one)")
+    d.add_argument("--teacher", help="the teacher's run folder (any family)")
+    d.add_argument("--out", help="the student's run folder (default: the --resume folder)")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the student's config, e.g. --set distill.options.solver=euler or "
+                        "--set optim.lr=1e-4 (repeatable)")
+    budget = d.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="total optimizer steps of the distillation")
+    budget.add_argument("--minutes", type=float, help="time budget (--set train.clock=process counts CPU time)")
+    d.add_argument("--seed", type=int)
+    d.add_argument("--resume", metavar="RUN", help="continue the student run RUN exactly")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
 
 
 def _add_sample(s) -> None:
@@ -157,7 +180,6 @@ def cmd_train(args) -> int:
     from .nets.classifier import CLASSIFIER_PRESETS
     from .training.classifier import train_classifier_preset
     from .training.outputs import check_out_folder
-    from .training.run import catch_stop_signals, release_stop_signals
 
     if args.config in CLASSIFIER_PRESETS:  # a noise-conditional classifier for classifier guidance
         if not args.out:
@@ -168,12 +190,19 @@ def cmd_train(args) -> int:
         train_classifier_preset(args.config, args.out, steps=args.steps, minutes=args.minutes or 0.0,
                                 seed=args.seed or 0, progress=not args.no_progress)
         return 0
-    catch_stop_signals()  # from here on SIGINT / SIGTERM end in a checkpoint and the resume command
+    return _catching_signals(_train, args, "train")
+
+
+def _catching_signals(command, args, name: str) -> int:
+    """command(args) with SIGINT / SIGTERM ending in a checkpoint and the resume command (a run's loop)."""
+    from .training.run import catch_stop_signals, release_stop_signals
+
+    catch_stop_signals()
     try:
-        return _train(args)
+        return command(args)
     except KeyboardInterrupt:  # a second signal: stopped at once, the last checkpoint is intact
         run = args.out or args.resume
-        print(f"unifuse train: interrupted; continue from the last checkpoint with: unifuse train --resume {run}",
+        print(f"unifuse {name}: interrupted; continue from the last checkpoint with: unifuse {name} --resume {run}",
               file=sys.stderr)
         return 130
     finally:
@@ -223,7 +252,7 @@ def resumed_config(args, overrides) -> tuple:
 
     meta = read_meta(find_checkpoint(args.resume))
     cfg = from_dict(meta["config"])
-    if args.config and args.config != cfg.name:
+    if getattr(args, "config", None) and args.config != cfg.name:
         raise UnifuseError(f"--resume {args.resume} is a run of {cfg.name!r}, not {args.config!r}; drop the preset "
                            "or match it")
     stored = to_dict(cfg)
@@ -274,7 +303,7 @@ def cmd_sample(args) -> int:
     meta = read_meta(folder)
     info = meta["data"]
     check_out_folder(args.out, data=info)  # before any work
-    model, cfg = load_model(folder, ema=not args.raw, device=device)
+    model, cfg = load_model(folder, ema=not args.raw, device=device, nfe=args.nfe)
     start = time.time()
     class_label = None if args.class_label is None else class_index(args.class_label, info)
     model, guidance, options = guided_model(model, cfg, info, args)
@@ -356,6 +385,40 @@ def cmd_samplers(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    return _catching_signals(_distill, args, "distill")
+
+
+def _distill(args) -> int:
+    from .distill.loop import distill, distill_config
+    from .training.outputs import check_out_folder
+
+    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device != "auto" else [])
+    if args.resume:
+        if args.method or args.teacher:
+            raise UnifuseError("--resume continues a student run as it was started; drop METHOD and --teacher")
+        overrides += [f"train.{k}={v}" for k, v in (("steps", args.steps), ("minutes", args.minutes)) if v is not None]
+        cfg, out = resumed_config(args, overrides)
+    else:
+        if not args.teacher or not args.out:
+            raise UnifuseError("distill needs --teacher RUN and --out DIR (e.g. unifuse distill cd --teacher "
+                               "runs/digits --out runs/digits-cd --minutes 10)")
+        cfg = distill_config(args.teacher, args.method, overrides, steps=args.steps, minutes=args.minutes,
+                             seed=args.seed)
+        out = args.out
+    check_out_folder(out, data=cfg)
+    summary = distill(cfg, out, resume=args.resume, progress=not args.no_progress)
+    if summary.get("rank", 0) != 0:
+        return 0
+    if summary["stopped_by"] == "interrupted":
+        print(f"stopped at step {summary['step']}; continue with: unifuse distill --resume {out}", file=sys.stderr)
+        return 128 + int(summary.get("signal") or 2)
+    print(f"distilled {cfg.distill.teacher} with {cfg.distill.method} to step {summary['step']} "
+          f"({summary['stopped_by']} budget) in {summary['seconds']:.0f} s; checkpoint {summary['checkpoint']}; "
+          f"sample with: unifuse sample --ckpt {out} --out SAMPLES --nfe {cfg.sample.nfe}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .training.demo import run_demo
 
@@ -363,7 +426,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "presets": cmd_presets,
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "distill": cmd_distill, "presets": cmd_presets,
             "samplers": cmd_samplers, "demo": cmd_demo}
 
 

@@ -21,8 +21,8 @@ from .errors import UnifuseError, choose
 from .io import write_text
 from .parameterization import defined_at_zero_snr
 
-FAMILIES = ("ddpm", "iddpm", "vpsde", "vesde", "edm", "rf", "trigflow", "ct")
-OBJECTIVES = ("ddpm", "hybrid", "dsm", "edm", "flow", "trigflow", "ct")
+FAMILIES = ("ddpm", "iddpm", "vpsde", "vesde", "edm", "rf", "trigflow", "ct", "sct", "meanflow", "shortcut")
+OBJECTIVES = ("ddpm", "hybrid", "dsm", "edm", "flow", "trigflow", "ct", "sct", "meanflow", "shortcut")
 CONDITIONS = ("none", "class", "text")
 PRECISIONS = ("auto", "fp32", "bf16")
 MAX_IMAGE_SIZE = 512        # data.size above this is refused before any image is decoded
@@ -51,6 +51,7 @@ class ModelConfig:
     prediction: str = "edm"         # eps | x0 | v | score | velocity | edm | trigflow | consistency
     sigma_data: float = 0.5
     learned_variance: bool = False
+    time_input: str = "c_noise"     # what the network receives for t: c_noise (the path's noise label) | native
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,15 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:                # a distilled student's run (unifuse.distill.loop)
+    method: str = ""                # "" for a trained run; else a unifuse.distill method (cd, progressive, ...)
+    teacher: str = ""               # the teacher's run folder, as given
+    options: dict = field(default_factory=dict)       # keyword arguments of the method (see unifuse.distill)
+    student_path: str = ""          # the student's path ("" = the teacher's); its prediction is model.prediction
+    nfe: str = ""                   # the NFEs the student supports, e.g. "1,2,4" ("" = any)
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "custom"
     description: str = ""
@@ -117,13 +127,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # --- families and presets ---------------------------------------------------------------------
 
-# family -> (path, prediction, objective, learned variance, objective options, sampler, nfe). The eps families
-# sample with the stochastic DPM-Solver++(2M) SDE: at 20 NFE their probability-flow ODE leaves pixel noise (VE-SDE
-# on MNIST-5k: FD 49 with dpmpp_2m, 5.8 with dpmpp_2m_sde; docs/benchmarks/training.md).
+# family -> (path, prediction, objective, learned variance, objective options, sampler, nfe). The eps families sample
+# with the DPM-Solver++(2M) SDE: their 20-NFE ODE leaves pixel noise (VE-SDE, MNIST-5k: FD 49 against 5.8; training.md).
 FAMILY_PARTS = {
     "ddpm":     ("ddpm-linear", "eps", "ddpm", False, {}, "dpmpp_2m_sde", 20),
     "iddpm":    ("ddpm-cosine", "eps", "hybrid", True, {}, "dpmpp_2m_sde", 20),
@@ -133,7 +143,12 @@ FAMILY_PARTS = {
     "rf":       ("rf", "velocity", "flow", False, {}, "heun", 20),
     "trigflow": ("trigflow", "trigflow", "trigflow", False, {}, "heun", 20),
     "ct":       ("edm", "consistency", "ct", False, {"schedule": "ect"}, "consistency", 2),
+    "sct":      ("trigflow", "trigflow", "sct", False, {}, "consistency", 2),
+    "meanflow": ("rf", "velocity", "meanflow", False, {"r_equals_t": 0.5}, "average", 1),
+    "shortcut": ("rf", "velocity", "shortcut", False, {}, "average", 1),
 }
+TWO_TIME_FAMILIES = ("meanflow", "shortcut")  # few-step models: the network also takes the end time r of a jump
+NATIVE_TIME_FAMILIES = ("meanflow",)  # plain t in [0, 1]: with 1000 t MeanFlow's 1 step is no better than flow matching
 
 # Per data set: network, batch, optimizer and precision. Chosen by measurement on the 2-core CPU
 # (docs/benchmarks/training.md): on 8x8 digits an MLP on the flattened image learns far more per CPU-second than
@@ -168,7 +183,7 @@ def family_config(family: str, dataset: str = "digits", *, cond: str = "none", n
         name=name or f"{dataset}-{family}",
         description=f"{family} on {data_name}" + ("" if cond == "none" else f", {cond}-conditional"),
         data=DataConfig(name=data_name, batch=d["batch"], cond=cond, p_uncond=0.1),
-        model=replace(model, net=d["net"], net_options=dict(d["net_options"])),
+        model=replace(model, net=d["net"], net_options=net_options(family, d["net_options"])),
         objective=objective,
         optim=OptimConfig(lr=d["lr"], betas=d.get("betas", (0.9, 0.999)), ema_halflife=d["ema_halflife"],
                           warmup_steps=min(200, steps // 10), decay_after=d["decay_after"]),
@@ -189,15 +204,22 @@ def family_sections(family: str, kind: str, steps: int, sample: SampleConfig | N
         options.update(mean=d["edm_noise"][0], std=d["edm_noise"][1])
     if family == "ct":
         options["stage_every"] = max(1, steps // CT_STAGE_FRACTION)
-    if kind == "toy":
-        sampler, nfe = ("consistency", 2) if family == "ct" else ("heun", 31)
+    if kind == "toy" and sampler not in ("consistency", "average"):
+        sampler, nfe = "heun", 31
     model = ModelConfig(family=family, path=path, path_options={"sigma_d": 0.5} if path == "trigflow" else {},
-                        prediction=prediction, sigma_data=0.5, learned_variance=learned_variance)
+                        prediction=prediction, sigma_data=0.5, learned_variance=learned_variance,
+                        time_input="native" if family in NATIVE_TIME_FAMILIES else "c_noise")
     # kinds undefined at zero SNR (eps: x0 = (x - sigma eps) / alpha) blow up there: on images in [-1, 1] they
     # clip the denoised estimate, as improved-diffusion's clip_denoised does (unifuse.thresholding)
     clip = 1.0 if kind != "toy" and not defined_at_zero_snr(prediction) else 0.0
     sample = replace(sample or SampleConfig(), sampler=sampler, nfe=nfe, spacing="", clip_denoised=clip)
     return model, ObjectiveConfig(name=objective, options=options), sample
+
+
+def net_options(family: str, options: Mapping) -> dict:
+    """The network options of a family's preset: the few-step families' networks take a second time."""
+    out = {k: v for k, v in options.items() if k != "two_times"}
+    return dict(out, two_times=True) if family in TWO_TIME_FAMILIES else out
 
 
 def switch_family(cfg: Config, family: str) -> Config:
@@ -207,7 +229,7 @@ def switch_family(cfg: Config, family: str) -> Config:
     name = cfg.data.name
     kind = "toy" if name in TOYS else name if name in DATASET_PARTS else "digits"
     model, objective, sample = family_sections(family, kind, cfg.train.steps, cfg.sample)
-    model = replace(model, net=cfg.model.net, net_options=dict(cfg.model.net_options))
+    model = replace(model, net=cfg.model.net, net_options=net_options(family, cfg.model.net_options))
     return replace(cfg, model=model, objective=objective, sample=sample)
 
 
@@ -235,6 +257,7 @@ def validate(cfg: Config) -> Config:
     choose("data.cond", d.cond, CONDITIONS)
     choose("train.precision", t.precision, PRECISIONS)
     choose("train.clock", t.clock, ("wall", "process"))
+    choose("model.time_input", m.time_input, ("c_noise", "native"))
     checks = [
         (d.batch >= 1, f"data.batch must be >= 1, got {d.batch}"),
         (d.size >= 4, f"data.size must be at least 4 pixels, got {d.size}"),
@@ -265,7 +288,7 @@ def validate(cfg: Config) -> Config:
         (o.name != "ddpm" or m.path.startswith("ddpm"),
          f"objective 'ddpm' samples integer steps and needs a DDPM path, got {m.path!r}; use 'dsm' for continuous "
          "paths"),
-        ((o.name == "ct") == (m.prediction == "consistency"),
+        (bool(cfg.distill.method) or (o.name == "ct") == (m.prediction == "consistency"),  # a student has no objective
          f"objective 'ct' and prediction 'consistency' go together; got objective {o.name!r} with prediction "
          f"{m.prediction!r}"),
     ]
@@ -335,8 +358,7 @@ def _coerce(key: str, value, current, kind):
 
 def _is_number(s: str) -> bool:
     try:
-        float(s)
-        return True
+        return float(s) is not None
     except ValueError:
         return False
 
@@ -420,6 +442,8 @@ def apply_overrides(cfg: Config, overrides: Sequence[str] = ()) -> Config:
         for p in reversed(path):
             update = {p: update}
         cfg = _merge(cfg, update)
+    if cfg.model.family in TWO_TIME_FAMILIES and "two_times" not in cfg.model.net_options:  # net_options replaced
+        cfg = replace(cfg, model=replace(cfg.model, net_options=net_options(cfg.model.family, cfg.model.net_options)))
     return validate(cfg)
 
 
@@ -470,7 +494,7 @@ def save_config(cfg: Config, path) -> str:
     return write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-__all__ = ["Config", "DataConfig", "ModelConfig", "ObjectiveConfig", "OptimConfig", "TrainConfig", "SampleConfig",
-           "EvalConfig", "PRESETS", "FAMILIES", "FAMILY_PARTS", "family_config", "family_sections", "switch_family",
+__all__ = ["Config", "DataConfig", "ModelConfig", "ObjectiveConfig", "OptimConfig", "TrainConfig", "SampleConfig", "EvalConfig",
+           "DistillConfig", "PRESETS", "FAMILIES", "FAMILY_PARTS", "family_config", "family_sections", "switch_family",
            "list_presets", "validate", "apply_overrides", "parse_override", "from_dict", "to_dict", "get_config",
            "load_config", "save_config"]

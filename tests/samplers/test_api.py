@@ -11,7 +11,7 @@ F64 = torch.float64
 GM = GaussianMixture.gaussian([0.3, -0.5, 1.0, 0.0], [0.5, 0.2, 1.5, 0.05])
 API_NAMES = {"ddpm", "ddim", "euler", "heun", "edm_stochastic", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3",
              "dpmpp_2s", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "ipndm", "euler_maruyama", "pc", "midpoint",
-             "consistency", "adaptive"}
+             "consistency", "adaptive", "average"}
 
 
 def model_on(name="vp-linear", pred="eps"):

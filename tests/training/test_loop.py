@@ -282,3 +282,17 @@ def test_time_budget_stops_the_run_with_a_checkpoint(tmp_path, clock):
                     str(tmp_path / "run"), progress=False)
     assert summary["stopped_by"] == "time" and 0 < summary["step"] < 1000000
     assert read_meta(find_checkpoint(str(tmp_path / "run")))["step"] == summary["step"]
+
+
+@pytest.mark.parametrize("family", ["meanflow", "shortcut", "sct"])
+def test_few_step_families_train_and_sample_in_one_step(tmp_path, family):
+    """The few-step families run in the ordinary loop (two-time networks, objectives with parameters of their own)
+    and sample with their own sampler at 1 NFE."""
+    from unifuse.training.sampling import generate
+
+    cfg = tiny("toy-moons", f"model.family={family}", "train.steps=3")
+    assert cfg.sample.nfe in (1, 2) and (family == "sct" or cfg.model.net_options["two_times"])
+    train(cfg, str(tmp_path / family), progress=False)
+    model, loaded = load_model(str(tmp_path / family))
+    x, _ = generate(model, loaded.sample, {"shape": [2]}, 16, conditioning="none", nfe=1)
+    assert x.shape == (16, 2) and bool(torch.isfinite(x).all())

@@ -3,6 +3,8 @@
 Patchify, fixed 2-D sine-cosine position embedding, transformer blocks with adaLN-Zero modulation by the
 noise-label/class/pooled-text embedding, optional cross-attention to caption tokens between self-attention and the
 MLP (as in PixArt-alpha, Chen et al. 2023), and a zero-initialised adaLN output layer, then unpatchify.
+`two_times=True` adds the end time r of a jump (`net(x, t, r=...)`, few-step MeanFlow / shortcut models) through
+a zero-initialised embedding (`layers.ConditionEmbedding`).
 """
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """net(x [B, C, H, W], t [B], class_labels=None, text=None, text_mask=None) -> [B, C or 2C, H, W]."""
+    """net(x [B, C, H, W], t [B], class_labels=None, text=None, text_mask=None, r=None) -> [B, C or 2C, H, W];
+    r [B], the end time in t's units, only for two_times=True (None: r = t)."""
 
     family = "dit"
 
@@ -76,17 +79,19 @@ class DiT(nn.Module):
                  num_classes:      int = 0,
                  text_dim:         int = 0,
                  learned_variance: bool = False,
-                 attn_impl:        str = "auto"):
+                 attn_impl:        str = "auto",
+                 two_times:        bool = False):
         super().__init__()
         self.config = dict(in_channels=in_channels, resolution=resolution, patch=patch, width=width, depth=depth,
                            heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, num_classes=num_classes,
-                           text_dim=text_dim, learned_variance=learned_variance, attn_impl=attn_impl)
+                           text_dim=text_dim, learned_variance=learned_variance, attn_impl=attn_impl, two_times=two_times)
+        self.two_times = bool(two_times)
         if resolution % patch:
             raise UnifuseError(f"resolution {resolution} is not divisible by patch={patch}; "
                                "choose a patch size dividing it")
         self.in_channels, self.out_channels = in_channels, in_channels * (2 if learned_variance else 1)
         self.patch, self.grid = patch, resolution // patch
-        self.embed = ConditionEmbedding(width, 256, num_classes, text_dim)
+        self.embed = ConditionEmbedding(width, 256, num_classes, text_dim, two_times)
         self.patchify = nn.Conv2d(in_channels, width, patch, stride=patch)
         self.register_buffer("pos", sincos_2d(self.grid, width)[None], persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(width, heads, mlp_ratio, width, text_dim, dropout, attn_impl)
@@ -95,12 +100,12 @@ class DiT(nn.Module):
         self.ada_out = zero_(nn.Linear(width, 2 * width))
         self.out = zero_(nn.Linear(width, patch * patch * self.out_channels))
 
-    def forward(self, x, t, class_labels=None, text=None, text_mask=None):
+    def forward(self, x, t, class_labels=None, text=None, text_mask=None, r=None):
         B = x.shape[0]
         side = self.grid * self.patch
         if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, side, side):
             raise UnifuseError(f"DiT expects x of shape [B, {self.in_channels}, {side}, {side}], got {tuple(x.shape)}")
-        emb = self.embed(t, x, class_labels, text, text_mask)
+        emb = self.embed(t, x, class_labels, text, text_mask, r)
         dtype = self.patchify.weight.dtype
         h = self.patchify(x.to(dtype)).flatten(2).transpose(1, 2) + self.pos.to(dtype)
         for block in self.blocks:

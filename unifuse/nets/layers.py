@@ -1,5 +1,10 @@
 """Pieces shared by the network families: the noise-label embedding, the condition embedding and attention.
 
+Two-time networks (few-step models: MeanFlow, Geng et al. 2025; shortcut models, Frans et al. 2024) also take the
+end time r of a jump, in the same units as t: emb += Z(MLP([sinusoidal(t), sinusoidal(t - r)])) with Z a
+zero-initialised layer, so a two-time net loaded from a one-time net's weights (strict=False) computes the same
+function, and r = None means r = t (the instantaneous field).
+
 Sinusoidal embedding as in the Transformer (Vaswani et al. 2017) and DDPM (Ho et al. 2020); class labels added to the
 time embedding with a null class for classifier-free guidance (Ho & Salimans 2022); text cross-attention as in latent
 diffusion (Rombach et al. 2022, ALGORITHMS card 12).
@@ -54,27 +59,44 @@ def as_batch_labels(t, x: torch.Tensor) -> torch.Tensor:
 
 
 class ConditionEmbedding(nn.Module):
-    """emb = MLP(sinusoidal(t)) + E[class] + W pooled(text): the vector that modulates every block.
+    """emb = MLP(sinusoidal(t)) + E[class] + W pooled(text) [+ Z(MLP(sinusoidal(t), sinusoidal(t - r)))]: the
+    vector that modulates every block.
 
     class_labels -1 is the null class (row num_classes of the table). text [B, L, d] is pooled by a masked mean;
-    text [B, d] is taken as already pooled.
+    text [B, d] is taken as already pooled. two_times=True adds the end-time term (zero at initialisation; r = None
+    means r = t).
     """
 
-    def __init__(self, dim: int, freq_dim: int, num_classes: int = 0, text_dim: int = 0):
+    def __init__(self, dim: int, freq_dim: int, num_classes: int = 0, text_dim: int = 0, two_times: bool = False):
         super().__init__()
         self.freq_dim, self.num_classes, self.text_dim = freq_dim, num_classes, text_dim
         self.time = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.classes = nn.Embedding(num_classes + 1, dim) if num_classes else None
         self.text = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, dim)) if text_dim else None
+        self.gap = None
+        if two_times:
+            self.gap = nn.Sequential(nn.Linear(2 * freq_dim, dim), nn.SiLU(), zero_(nn.Linear(dim, dim)))
 
-    def forward(self, t, x, class_labels=None, text=None, text_mask=None) -> torch.Tensor:
-        emb = self.time(sinusoidal(as_batch_labels(t, x), self.freq_dim).to(self.time[0].weight.dtype))
+    def forward(self, t, x, class_labels=None, text=None, text_mask=None, r=None) -> torch.Tensor:
+        t = as_batch_labels(t, x)
+        emb = self.time(sinusoidal(t, self.freq_dim).to(self.time[0].weight.dtype))
+        if r is not None or self.gap is not None:
+            emb = emb + self.embed_gap(t, r, x)
         if class_labels is not None or self.classes is not None:
             emb = emb + self.embed_classes(class_labels, x)
         if text is not None:
             pooled = pool_text(self.check_text(text, x), text_mask)
             emb = emb + self.text(pooled.to(self.text[1].weight.dtype))
         return emb
+
+    def embed_gap(self, t, r, x):
+        """Z(MLP([sinusoidal(t), sinusoidal(t - r)])), r in t's units (None: r = t)."""
+        if self.gap is None:
+            raise UnifuseError("an end time r was given to a one-time network; build it with two_times=True "
+                               "(a few-step MeanFlow / shortcut model)")
+        r = t if r is None else as_batch_labels(r, x).to(t.dtype)
+        feats = torch.cat([sinusoidal(t, self.freq_dim), sinusoidal(t - r, self.freq_dim)], 1)
+        return self.gap(feats.to(self.gap[0].weight.dtype))
 
     def embed_classes(self, class_labels, x):
         if self.classes is None:

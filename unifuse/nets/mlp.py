@@ -1,5 +1,6 @@
 """A residual MLP for 2-D and tabular data (the toy networks of score-based and flow-matching papers,
-e.g. Song et al. 2021, Lipman et al. 2022), with the same noise-label/class/text conditioning as the image nets."""
+e.g. Song et al. 2021, Lipman et al. 2022), with the same noise-label/class/text conditioning as the image nets;
+two_times=True adds the end time r of a jump (few-step MeanFlow / shortcut models, `layers.ConditionEmbedding`)."""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -24,7 +25,8 @@ class MLPBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """net(x [B, D], t [B], class_labels=None, text=None, text_mask=None) -> [B, D] ([B, 2D] with learned variance)."""
+    """net(x [B, D], t [B], class_labels=None, text=None, text_mask=None, r=None) -> [B, D] ([B, 2D] with learned
+    variance); r [B], the end time in t's units, only for two_times=True (None: r = t)."""
 
     family = "mlp"
 
@@ -36,22 +38,25 @@ class MLP(nn.Module):
                  dropout:          float = 0.0,
                  num_classes:      int = 0,
                  text_dim:         int = 0,
-                 learned_variance: bool = False):
+                 learned_variance: bool = False,
+                 two_times:        bool = False):
         super().__init__()
         self.config = dict(dim=dim, width=width, depth=depth, emb_dim=emb_dim, dropout=dropout,
-                           num_classes=num_classes, text_dim=text_dim, learned_variance=learned_variance)
+                           num_classes=num_classes, text_dim=text_dim, learned_variance=learned_variance,
+                           two_times=two_times)
+        self.two_times = bool(two_times)
         self.dim, self.out_dim = dim, dim * (2 if learned_variance else 1)
-        self.embed = ConditionEmbedding(emb_dim, emb_dim, num_classes, text_dim)
+        self.embed = ConditionEmbedding(emb_dim, emb_dim, num_classes, text_dim, two_times)
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList([MLPBlock(width, emb_dim, dropout) for _ in range(depth)])
         self.norm = nn.LayerNorm(width)
         self.out = zero_(nn.Linear(width, self.out_dim))
 
-    def forward(self, x, t, class_labels=None, text=None, text_mask=None):
+    def forward(self, x, t, class_labels=None, text=None, text_mask=None, r=None):
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise UnifuseError(f"MLP expects x of shape [B, {self.dim}], got {tuple(x.shape)}; "
                                "flatten the data or set dim=")
-        emb = self.embed(t, x, class_labels, text, text_mask)
+        emb = self.embed(t, x, class_labels, text, text_mask, r)
         h = self.inp(x.to(self.inp.weight.dtype))
         for block in self.blocks:
             h = block(h, emb)

@@ -7,6 +7,8 @@ predicts 0. `patch=p` folds p x p pixel blocks into channels before the first co
 (space-to-depth, as in "simple diffusion", Hoogeboom et al. 2023): p^2 times less compute at full resolution, which
 is what makes 32x32 training fast on a CPU. `attn_resolutions` are feature-map sizes after patching.
 `learned_variance=True` doubles the output channels for the Improved-DDPM variance head.
+`two_times=True` adds the end time r of a jump (`net(x, t, r=...)`, few-step MeanFlow / shortcut models) through
+a zero-initialised embedding (`layers.ConditionEmbedding`).
 """
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """net(x [B, C, H, W], t [B], class_labels=None, text=None, text_mask=None) -> [B, C or 2C, H, W]."""
+    """net(x [B, C, H, W], t [B], class_labels=None, text=None, text_mask=None, r=None) -> [B, C or 2C, H, W];
+    r [B], the end time in t's units, only for two_times=True (None: r = t)."""
 
     family = "unet"
 
@@ -77,13 +80,15 @@ class UNet(nn.Module):
                  num_classes:      int = 0,
                  text_dim:         int = 0,
                  learned_variance: bool = False,
-                 attn_impl:        str = "auto"):
+                 attn_impl:        str = "auto",
+                 two_times:        bool = False):
         super().__init__()
         self.config = dict(in_channels=in_channels, channels=channels, channel_mult=list(channel_mult),
                            num_res_blocks=num_res_blocks if isinstance(num_res_blocks, int) else list(num_res_blocks),
                            attn_resolutions=list(attn_resolutions), heads=heads, dropout=dropout,
                            resolution=resolution, patch=patch, num_classes=num_classes, text_dim=text_dim,
-                           learned_variance=learned_variance, attn_impl=attn_impl)
+                           learned_variance=learned_variance, attn_impl=attn_impl, two_times=two_times)
+        self.two_times = bool(two_times)
         if resolution % (patch * 2 ** (len(channel_mult) - 1)):
             raise UnifuseError(f"resolution {resolution} is not divisible by patch * 2^(levels - 1) = "
                                f"{patch * 2 ** (len(channel_mult) - 1)}; use fewer channel_mult levels or pad "
@@ -94,7 +99,7 @@ class UNet(nn.Module):
             raise UnifuseError(f"num_res_blocks {num_res_blocks} needs one entry per channel_mult level "
                                f"({len(channel_mult)})")
         emb_dim = 4 * channels
-        self.embed = ConditionEmbedding(emb_dim, channels, num_classes, text_dim)
+        self.embed = ConditionEmbedding(emb_dim, channels, num_classes, text_dim, two_times)
         self.patch = patch  # space-to-depth: the U-Net runs at resolution / patch (Hoogeboom et al. 2023)
         self.conv_in = nn.Conv2d(in_channels * patch * patch, channels, 3, padding=1)
 
@@ -129,10 +134,10 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(num_groups(ch), ch)
         self.conv_out = zero_(nn.Conv2d(ch, self.out_channels * patch * patch, 3, padding=1))
 
-    def forward(self, x, t, class_labels=None, text=None, text_mask=None):
+    def forward(self, x, t, class_labels=None, text=None, text_mask=None, r=None):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise UnifuseError(f"UNet expects x of shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        emb = self.embed(t, x, class_labels, text, text_mask)
+        emb = self.embed(t, x, class_labels, text, text_mask, r)
         x = x.to(self.conv_in.weight.dtype)
         h = self.conv_in(F.pixel_unshuffle(x, self.patch) if self.patch > 1 else x)
         hs = [h]

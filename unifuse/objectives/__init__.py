@@ -22,6 +22,9 @@ from .losses import (
     draw_noise,
     mean_dims,
 )
+from .meanflow import MeanFlowLoss
+from .scm import SCTLoss
+from .shortcut import ShortcutLoss
 from .time import (
     TIME_DENSITIES,
     ImportanceSampler,
@@ -41,6 +44,9 @@ OBJECTIVES = {
     "trigflow": TrigFlowLoss,
     "hybrid": HybridLoss,
     "ct": ConsistencyTrainingLoss,
+    "sct": SCTLoss,
+    "meanflow": MeanFlowLoss,
+    "shortcut": ShortcutLoss,
     "regression": DenoisingLoss,
 }
 
@@ -55,7 +61,8 @@ def get(name: str, **options):
 
 
 __all__ = ["OBJECTIVES", "get", "DenoisingLoss", "DDPMLoss", "DSMLoss", "EDMLoss", "FlowMatchingLoss",
-           "TrigFlowLoss", "HybridLoss", "ConsistencyTrainingLoss", "ClassifierLoss", "TARGETS",
+           "TrigFlowLoss", "HybridLoss", "ConsistencyTrainingLoss", "SCTLoss", "MeanFlowLoss", "ShortcutLoss",
+           "ClassifierLoss", "TARGETS",
            "WEIGHTINGS", "TIME_DENSITIES",
            "COUPLINGS", "ImportanceSampler", "rand_uniform", "rand_index", "rand_log_normal", "rand_logit_normal",
            "rand_logsnr_uniform", "x0_weight", "eps_weight", "loss_weight", "equivalent_x0_weight", "couple",

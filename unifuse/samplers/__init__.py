@@ -11,6 +11,8 @@ keeps so that repeated calls do their time-only set-up once (`plan`). The one-st
 take one step from s to t, with a time per sample if wanted (e.g. a distillation teacher's step).
 `generators(seed, start, count)` are the per-sample noise streams of samples start..start+count-1 (what an int
 seed gives a batch), so that sample i depends only on (seed, i) however a run is batched.
+"average" (`average`) jumps with a two-time average-velocity model (MeanFlow, shortcut models) and is Euler's
+method for any other model.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import NamedTuple
 
 from ..errors import choose
 from .ancestral import sample_ddim, sample_ddpm
+from .average import sample_average
 from .base import NoiseSource, generators, randn
 from .consistency import sample_consistency
 from .multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_ipndm, sample_unipc
@@ -83,6 +86,7 @@ SAMPLERS = {
     "consistency": Sampler(sample_consistency, "renoise", 1, "karras", (), True, default_nfe=2),
     "adaptive": Sampler(sample_adaptive, "adaptive", 5, "uniform", ("rtol", "atol", "sigma_stop", "h_init"),
                         default_nfe=10000),
+    "average": Sampler(sample_average, "step", 1, "uniform", (), default_nfe=1),
 }
 
 
@@ -101,6 +105,6 @@ __all__ = ["SAMPLERS", "Sampler", "available", "get", "Plan", "GaussianStep", "N
            "sample_ddpm", "sample_ddim", "sample_euler", "sample_heun", "sample_edm_stochastic", "sample_dpm_solver_1",
            "sample_dpm_solver_2", "sample_dpm_solver_3", "sample_dpmpp_2s", "sample_dpmpp_2m", "sample_dpmpp_3m",
            "sample_dpmpp_2m_sde", "sample_unipc", "sample_ipndm", "sample_euler_maruyama", "sample_pc",
-           "sample_midpoint", "sample_consistency", "sample_adaptive",
+           "sample_midpoint", "sample_consistency", "sample_adaptive", "sample_average",
            "step_euler", "step_heun", "step_ddim", "step_dpmpp_2m", "step_ddpm", "step_dpmpp_sde",
            "step_euler_maruyama", "step_langevin"]

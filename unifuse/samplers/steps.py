@@ -77,10 +77,13 @@ def _step_times(s, t, batch: int):
 
 
 def _per_sample(fn, *times):
-    """fn(*floats) for one time, or the tuple of per-sample lists of fn's results for times given per sample."""
+    """fn(*floats) for one time, or the tuple of per-sample lists of fn's results for times given per sample
+    (fn is called once per distinct tuple of times: a batch drawn from a grid shares its coefficients)."""
     if not isinstance(times[0], list):
         return fn(*times)
-    return tuple(map(list, zip(*(fn(*ts) for ts in zip(*times)))))
+    seen = {}
+    rows = [seen[ts] if ts in seen else seen.setdefault(ts, fn(*ts)) for ts in zip(*times)]
+    return tuple(map(list, zip(*rows)))
 
 
 def _column(v, like: torch.Tensor):

@@ -76,6 +76,7 @@ class Flattened(torch.nn.Module):
         super().__init__()
         self.mlp = net
         self.family, self.config = getattr(net, "family", None), getattr(net, "config", None)
+        self.two_times = bool(getattr(net, "two_times", False))  # takes r= (few-step families)
         dim, out_dim = getattr(net, "dim", None), getattr(net, "out_dim", None)
         self.skip = torch.nn.Linear(dim, out_dim, bias=False) if skip and dim and out_dim else None
         if self.skip is not None:
@@ -129,11 +130,23 @@ def build_path(cfg):
     return paths.get(cfg.model.path, **options)
 
 
+def student_path(cfg):
+    """The path a distilled student lives on (`cfg.distill.student_path`; TrigFlow's sigma_d is the model's)."""
+    from .. import paths
+
+    name = cfg.distill.student_path
+    return paths.get(name, sigma_d=cfg.model.sigma_data) if name == "trigflow" else paths.get(name)
+
+
 def build_model(cfg, net) -> DiffusionModel:
-    """The DiffusionModel binding `net` to the configured path and prediction."""
+    """The DiffusionModel binding `net` to the configured path and prediction (a distilled student: the network on
+    its teacher's path, re-expressed on the student's path by `on()`, so the copied teacher weights keep their
+    meaning)."""
     path = build_path(cfg)
-    return DiffusionModel(net, path, cfg.model.prediction, sigma_data=cfg.model.sigma_data, time_input=path.c_noise,
-                          scale_input=True, learned_variance=cfg.model.learned_variance)
+    time_input = path.c_noise if cfg.model.time_input == "c_noise" else None
+    model = DiffusionModel(net, path, cfg.model.prediction, sigma_data=cfg.model.sigma_data, time_input=time_input,
+                           scale_input=True, learned_variance=cfg.model.learned_variance)
+    return model.on(student_path(cfg)) if cfg.distill.student_path else model
 
 
 def build_objective(cfg, data=None):

@@ -161,11 +161,24 @@ def load_tensors(folder: str, key: str, meta: dict | None = None) -> dict:
                            "checkpoint") from None
 
 
-def load_model(run_dir: str, ema=True, device="cpu"):
+def student_weights(cfg, meta: dict, nfe: int | None) -> str | None:
+    """For a distilled student sampled with `nfe` evaluations: refuse an NFE it does not support (one message naming
+    the ones it does), and name the weights kept for that NFE (progressive distillation's rounds), if any."""
+    if not cfg.distill.method or nfe is None:
+        return None
+    supported = tuple(int(k) for k in cfg.distill.nfe.split(",") if k.strip())
+    if supported and nfe not in supported:
+        raise UnifuseError(f"this student ({cfg.distill.method} distillation) samples with --nfe in "
+                           f"{', '.join(map(str, supported))}, not {nfe}; choose one of those")
+    return f"nfe_{nfe}" if f"nfe_{nfe}" in meta.get("files", {}) else None
+
+
+def load_model(run_dir: str, ema=True, device="cpu", nfe: int | None = None):
     """(DiffusionModel, Config) from a run, its ckpt/ folder or a step folder, ready to sample (eval mode).
 
     ema: True for the EMA weights, False for the raw weights, or a float sigma_rel for EDM2's post-hoc
-    EMA reconstructed from the run's snapshots (train with optim.posthoc_ema=true)."""
+    EMA reconstructed from the run's snapshots (train with optim.posthoc_ema=true). nfe: for a distilled
+    student, the NFE it will be sampled with (checked; the weights kept for that NFE are loaded)."""
     from ..config import from_dict
     from .build import build_model, build_net
     from .ema import posthoc_ema
@@ -177,7 +190,10 @@ def load_model(run_dir: str, ema=True, device="cpu"):
     except UnifuseError as err:
         raise UnifuseError(f"the config stored in {folder} does not load with this version of unifuse: {err}") from None
     net = rebuild_net(meta, cfg, build_net)
-    if isinstance(ema, bool):
+    weights = student_weights(cfg, meta, nfe if nfe is not None else cfg.sample.nfe)
+    if weights is not None:
+        state = load_tensors(folder, weights, meta)
+    elif isinstance(ema, bool):
         state = load_tensors(folder, "ema" if ema else "model", meta)
     else:
         state = posthoc_ema(os.path.dirname(os.path.dirname(folder)), float(ema), meta["step"])

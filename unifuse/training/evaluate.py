@@ -40,7 +40,7 @@ def evaluate_run(ckpt: str, n=None, *, nll: bool = False, sampler=None, nfe=None
     check_eval_numbers(n, nfe)
     folder = find_checkpoint(ckpt)
     meta = read_meta(folder)
-    model, cfg = load_model(folder, device=device)
+    model, cfg = load_model(folder, device=device, nfe=nfe)
     info = meta["data"]
     n = n or cfg.eval.n
     start = time.time()

@@ -41,6 +41,14 @@ def learning_rate(cfg, step: int, progress: float | None = None) -> float:
     return lr
 
 
+def set_learning_rate(cfg, optimizer, step: int, progress: float | None = None) -> float:
+    """`learning_rate` for this step, written into every parameter group of `optimizer`; returns it."""
+    lr = learning_rate(cfg, step, progress)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, log=print) -> dict:
     """Train `cfg` into the run folder `out` (optionally resuming from a run or checkpoint folder).
     Returns a summary dict: step, images, loss (last logged), seconds, checkpoint folder, stop reason."""
@@ -56,7 +64,9 @@ def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, lo
     net = build_net(cfg, info).to(dev)
     objective = build_objective(cfg, data)
     o = cfg.optim
-    opt = torch.optim.AdamW(net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    # an objective with parameters of its own (sCT's adaptive weighting head) is trained with the network
+    extra = list(objective.to(dev).parameters()) if isinstance(objective, torch.nn.Module) else []
+    opt = torch.optim.AdamW([*net.parameters(), *extra], lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     ema = EMA(net, o.ema_halflife, o.ema_rampup)
     phema = PowerEMA(net) if o.posthoc_ema else None
     batches = Batches(data, per_rank, env.rank, env.world, cfg.train.seed)
@@ -84,9 +94,7 @@ def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, lo
     # --- 5. the loop -------------------------------------------------------------------------
     with run.loop():
         while step < cfg.train.steps:
-            lr = learning_rate(cfg, step, run.spent)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = set_learning_rate(cfg, opt, step, run.spent)
             loss_sum = torch.zeros((), device=dev)
             for k in range(o.accumulate):  # micro-batches; DDP averages gradients on the last one only
                 x, labels = batches.next()
@@ -135,4 +143,4 @@ def describe(cfg, net, info: dict) -> dict:
                     "config": getattr(net, "config", None)}}
 
 
-__all__ = ["TrainingDiverged", "learning_rate", "train", "weights_digest"]
+__all__ = ["TrainingDiverged", "learning_rate", "set_learning_rate", "train", "weights_digest"]

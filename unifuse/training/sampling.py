@@ -128,7 +128,7 @@ def generate(model, sample_cfg, info: dict, n: int, *, conditioning: str, seed: 
             gens = generators(seed, lo, m)
             noise = randn((m,) + shape, generator=gens).to(device=device, dtype=dtype)
             kw = {"generator": gens, "plan": plan, "return_trajectory": trajectory and lo == 0}
-            if spacing:
+            if not isinstance(spacing, str) or spacing:  # a name, or a tensor of times (a user grid)
                 kw["spacing"] = spacing
             if cond is not None:
                 kw["cond"] = {k: v[lo:lo + m] for k, v in cond.items()}
