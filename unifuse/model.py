@@ -129,6 +129,17 @@ class DiffusionModel(nn.Module):
         return f"path={self.path!r}, prediction={self.prediction!r}"
 
 
+def rebind(model: DiffusionModel, net) -> DiffusionModel:
+    """`net` bound exactly like `model` (path, prediction kind, input scaling, time input, boundary); a re-expressed
+    model is rebuilt on its source's path and re-expressed the same way, so a copy of the student's network (a
+    target, a round's teacher, a fake score) computes what the student computes with those weights."""
+    if isinstance(model, ReexpressedModel):
+        return rebind(model.source, net).on(model.path)
+    return DiffusionModel(net, model.path, model.prediction, sigma_data=model.sigma_data, time_input=model.time_input,
+                          scale_input=model.scale_input, learned_variance=model.learned_variance,
+                          boundary=model.boundary)
+
+
 class WrappedModel(DiffusionModel):
     """Base of the model -> model transforms (guidance, thresholding): the path, prediction kind and options of
     `inner`, whose `evaluate` a subclass changes."""

@@ -237,23 +237,27 @@ def one_step_w2(model, sampler):
         return gaussian_w2(uf.sample(model, noise, sampler, nfe=1).double(), DATA)
 
 
-def test_a_short_run_is_finite_and_trains_the_network():
-    """A few float32 steps with the default loss (training-config model): finite losses, the end-time layer
-    trained, the one-step distance to the data reduced."""
+def short_float32_run(objective, steps: int) -> None:
+    """A few float32 steps of `objective` on a training-config model: finite losses, the zero-initialised end-time
+    layer trained, the one-step distance to the data reduced."""
     torch.manual_seed(0)
     net = MLP(dim=2, width=16, depth=1, emb_dim=16, two_times=True)
     model = uf.DiffusionModel(net, RF, "velocity", time_input=RF.c_noise, scale_input=True)
     g = torch.Generator().manual_seed(0)
     before = one_step_w2(model, "average")
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for step in range(20):
+    for step in range(steps):
         opt.zero_grad()
-        loss = MeanFlowLoss()(model, DATA.sample(64, generator=g)[0].float(), generator=g, step=step)
+        loss = objective(model, DATA.sample(64, generator=g)[0].float(), generator=g, step=step)
         assert loss.shape == (64,) and bool(torch.isfinite(loss).all())
         loss.mean().backward()
         opt.step()
-    assert float(net.embed.gap[-1].weight.abs().sum()) > 0  # the zero-initialised end-time layer has learned
+    assert float(net.embed.gap[-1].weight.abs().sum()) > 0
     assert one_step_w2(model, "average") < before
+
+
+def test_a_short_run_is_finite_and_trains_the_network():
+    short_float32_run(MeanFlowLoss(), 20)
 
 
 def test_meanflow_one_step_beats_flow_matching():

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 import unifuse as uf
-from unifuse.nets import MLP
 from unifuse.objectives.losses import FlowMatchingLoss
 from unifuse.objectives.meanflow import average_velocity
 from unifuse.objectives.shortcut import ShortcutLoss, shortcut_target
 from unifuse.samplers.average import sample_average
 
-from .test_meanflow import DATA, GM, RF, exact_model, one_step_w2, train, two_time_mlp
+from .test_meanflow import GM, RF, exact_model, one_step_w2, short_float32_run, train, two_time_mlp
 
 F64 = torch.float64
 
@@ -104,22 +103,7 @@ def test_call_is_finite_and_reproducible():
 
 
 def test_a_short_run_is_finite_and_trains_the_network():
-    """A few float32 steps (training-config model): finite losses, the end-time layer trained, the one-step
-    distance to the data reduced."""
-    torch.manual_seed(0)
-    net = MLP(dim=2, width=16, depth=1, emb_dim=16, two_times=True)
-    model = uf.DiffusionModel(net, RF, "velocity", time_input=RF.c_noise, scale_input=True)
-    g = torch.Generator().manual_seed(0)
-    before = one_step_w2(model, "average")
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for step in range(30):
-        opt.zero_grad()
-        loss = ShortcutLoss()(model, DATA.sample(64, generator=g)[0].float(), generator=g, step=step)
-        assert loss.shape == (64,) and bool(torch.isfinite(loss).all())
-        loss.mean().backward()
-        opt.step()
-    assert float(net.embed.gap[-1].weight.abs().sum()) > 0
-    assert one_step_w2(model, "average") < before
+    short_float32_run(ShortcutLoss(), 30)
 
 
 def test_shortcut_one_step_beats_flow_matching():

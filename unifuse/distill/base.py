@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..model import DiffusionModel, ReexpressedModel
+from ..model import DiffusionModel, rebind
 
 
 @dataclass
@@ -94,17 +94,6 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     out = copy.deepcopy(module)
     out.requires_grad_(False)
     return out.eval()
-
-
-def rebind(model: DiffusionModel, net) -> DiffusionModel:
-    """`net` bound exactly like `model` (path, prediction kind, input scaling, time input, boundary); a re-expressed
-    model is rebuilt on its source's path and re-expressed the same way, so a copy of the student's network (a
-    target, a round's teacher, a fake score) computes what the student computes with those weights."""
-    if isinstance(model, ReexpressedModel):
-        return rebind(model.source, net).on(model.path)
-    return DiffusionModel(net, model.path, model.prediction, sigma_data=model.sigma_data, time_input=model.time_input,
-                          scale_input=model.scale_input, learned_variance=model.learned_variance,
-                          boundary=model.boundary)
 
 
 def surrogate(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

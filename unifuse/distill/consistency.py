@@ -70,7 +70,25 @@ class CDPair(NamedTuple):
 
 
 @dataclass
-class ConsistencyDistillation:
+class ConsistencyStudent:
+    """What the two consistency methods share: the student (the teacher's network under the boundary scalings for an
+    EDM teacher), its multistep consistency sampler on the `renoise` grid, any NFE, an evaluation EMA."""
+
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    ema: bool = True
+    student_path: str | None = None
+    student_prediction: str | None = None
+    sampler: ClassVar[str] = "consistency"
+    spacing: ClassVar[str] = "renoise"
+    nfe: ClassVar[tuple | None] = None
+
+    def student_kind(self, teacher_prediction: str) -> str | None:
+        return consistency_kind(teacher_prediction)
+
+
+@dataclass
+class ConsistencyDistillation(ConsistencyStudent):
     """Consistency distillation (card 16) with the teacher's own ODE step.
 
     steps = 18 Karras points (the CM code uses N = 40 on ImageNet-64; 18 suits small data), solver = "heun" (the
@@ -88,16 +106,8 @@ class ConsistencyDistillation:
     huber_c: float | None = None
     weighting: str = "inverse_step"
     target_ema: float = 0.0
-    sigma_min: float | None = None
-    sigma_max: float | None = None
     rho: float = 7.0
-    ema: bool = True
-    student_path: str | None = None
-    student_prediction: str | None = None
     name: ClassVar[str] = "cd"
-    sampler: ClassVar[str] = "consistency"
-    spacing: ClassVar[str] = "renoise"
-    nfe: ClassVar[tuple | None] = None
 
     def __post_init__(self):
         choose("consistency-distillation solver", self.solver, SOLVERS)
@@ -108,9 +118,6 @@ class ConsistencyDistillation:
         if not 0.0 <= self.target_ema < 1.0:
             raise UnifuseError(f"target_ema must lie in [0, 1), got {self.target_ema}")
         self._grid = None
-
-    def student_kind(self, teacher_prediction: str) -> str | None:
-        return consistency_kind(teacher_prediction)
 
     def setup(self, ctx: Context) -> None:
         """The noise grid; with target_ema > 0 the EMA target network (checkpointed as "cd_target")."""
@@ -170,7 +177,7 @@ class ConsistencyDistillation:
 
 
 @dataclass
-class ConsistencyFineTuning:
+class ConsistencyFineTuning(ConsistencyStudent):
     """Consistency fine-tuning from the pre-trained weights: ECT (card 17), `ConsistencyTrainingLoss(schedule="ect")`
     as it is, its stage advancing `stages` times over the budget (stage = floor(progress * stages)).
 
@@ -186,23 +193,12 @@ class ConsistencyFineTuning:
     q: float = 2.0
     k: float = 8.0
     b: float = 1.0
-    sigma_min: float | None = None
-    sigma_max: float | None = None
-    ema: bool = True
-    student_path: str | None = None
-    student_prediction: str | None = None
     name: ClassVar[str] = "cft"
-    sampler: ClassVar[str] = "consistency"
-    spacing: ClassVar[str] = "renoise"
-    nfe: ClassVar[tuple | None] = None
 
     def __post_init__(self):
         if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1:
             raise UnifuseError(f"stages must be a positive integer, got {self.stages!r}")
         self._loss = None
-
-    def student_kind(self, teacher_prediction: str) -> str | None:
-        return consistency_kind(teacher_prediction)
 
     def setup(self, ctx: Context) -> None:
         lo, hi = sigma_range(ctx, self.sigma_min, self.sigma_max)

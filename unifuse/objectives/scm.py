@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..errors import UnifuseError, choose
-from ..model import DiffusionModel, ReexpressedModel
+from ..model import DiffusionModel, ReexpressedModel, rebind
 from ..paths.continuous import TrigFlow
 from ..tangent import METHODS as JVP_METHODS
 from ..tangent import jvp as tangent_jvp
@@ -78,16 +78,12 @@ def scm_times(n: int, path: TrigFlow, P_mean: float, P_std: float, *, generator=
 
 
 def bare_model(model: DiffusionModel) -> DiffusionModel:
-    """The model around its unwrapped network (no DDP / torch.compile wrapper), for tangents without gradients."""
-    if isinstance(model, ReexpressedModel):  # a student re-expressed on TrigFlow: unwrap its source's network
-        return bare_model(model.source).on(model.path)
-    net = getattr(model, "net", None)
-    raw = unwrap(net)
-    if raw is net or type(model) is not DiffusionModel:
+    """The model around its unwrapped network (no DDP / torch.compile wrapper), for tangents without gradients
+    (a re-expressed student keeps its re-expression; transforms are evaluated as they are)."""
+    if type(model) not in (DiffusionModel, ReexpressedModel):
         return model
-    return DiffusionModel(raw, model.path, model.prediction, sigma_data=model.sigma_data, time_input=model.time_input,
-                          scale_input=model.scale_input, learned_variance=model.learned_variance,
-                          boundary=model.boundary)
+    raw = unwrap(model.net)
+    return model if raw is model.net else rebind(model, raw)
 
 
 def _col(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
