@@ -17,64 +17,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from jobs import CPU, ROOT, run_jobs, train_base, unifuse
+
 sys.path.insert(0, ROOT)
 METHODS = ("progressive", "cd", "cft", "sct", "scd", "reflow", "instaflow", "dmd")
-ENV = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", MKL_NUM_THREADS="1")
 
 
-def unifuse(*args) -> list:
-    return [sys.executable, "-m", "unifuse.cli", *args]
-
-
-def train_teacher(data: str, out: str, minutes: float, log) -> None:
-    if os.path.isdir(os.path.join(out, "ckpt")):
-        return
-    log(f"training the teacher {data} for {minutes} CPU-minutes -> {out}")
-    subprocess.run(unifuse("train", data, "--out", out, "--minutes", str(minutes), "--set", "train.clock=process",
-                           "--set", "train.threads=1", "--no-progress"), check=True, env=ENV, cwd=ROOT)
-
-
-def launch(method: str, teacher: str, out: str, minutes: float, overrides: list, data: str = ""):
-    """Start one distillation (or, for "scratch-FAMILY", the few-step family DATA-FAMILY trained from scratch for the
-    teacher's and the distillation's CPU time together); None when its run already exists."""
-    if os.path.isdir(os.path.join(out, "ckpt")):
-        return None
+def command(method: str, teacher: str, out: str, minutes: float, overrides: list, data: str = "") -> list:
+    """One distillation (or, for "scratch-FAMILY", the few-step family DATA-FAMILY trained from scratch for the
+    teacher's and the distillation's CPU time together)."""
     if method.startswith("scratch-"):
-        cmd = unifuse("train", f"{data}-{method.removeprefix('scratch-')}", "--out", out, "--minutes", str(minutes),
-                      "--set", "train.clock=process", "--set", "train.threads=1", "--no-progress")
-    else:
-        cmd = unifuse("distill", method, "--teacher", teacher, "--out", out, "--minutes", str(minutes), "--set",
-                      "train.clock=process", "--set", "train.threads=1", "--no-progress")
-        for o in overrides:
-            cmd += ["--set", o]
-    log_file = open(out + ".log", "w")
-    return subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT), log_file
-
-
-def run_methods(methods, teacher: str, out: str, minutes: dict, overrides: list, jobs: int, log, data: str) -> dict:
-    """Distil every method (`jobs` at once; minutes: method -> CPU-minutes); {method: error message or None}."""
-    pending, running, errors = list(methods), [], {}
-    while pending or running:
-        while pending and len(running) < jobs:
-            m = pending.pop(0)
-            started = launch(m, teacher, os.path.join(out, m), minutes[m], overrides, data)
-            if started is not None:
-                log(f"{'training' if m.startswith('scratch-') else 'distilling'} {m} for {minutes[m]} CPU-minutes")
-                running.append((m, *started))
-        for item in list(running):
-            m, proc, fh = item
-            if proc.poll() is not None:
-                fh.close()
-                running.remove(item)
-                errors[m] = None if proc.returncode == 0 else open(os.path.join(out, m) + ".log").read()[-400:]
-                log(f"{m}: {'done' if proc.returncode == 0 else 'FAILED (see ' + os.path.join(out, m) + '.log)'}")
-        time.sleep(2)
-    return errors
+        return unifuse("train", f"{data}-{method.removeprefix('scratch-')}", "--out", out, "--minutes", str(minutes), *CPU)
+    cmd = unifuse("distill", method, "--teacher", teacher, "--out", out, "--minutes", str(minutes), *CPU)
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
 
 
 def measure(run: str, nfe: int | None, n: int, seeds: int, sampler: str | None = None) -> dict:
@@ -213,10 +174,12 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     args.teacher = args.teacher or os.path.join(out, "teacher")
     log = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True)
-    train_teacher(args.data, args.teacher, args.teacher_minutes, log)
+    train_base(args.data, args.teacher, args.teacher_minutes, log)
     methods = [m for m in args.methods.split(",") if m] + [f"scratch-{f}" for f in args.scratch.split(",") if f]
     minutes = {m: args.minutes + (args.teacher_minutes if m.startswith("scratch-") else 0.0) for m in methods}
-    errors = run_methods(methods, args.teacher, out, minutes, args.overrides, args.jobs, log, args.data)
+    queue = [(m, command(m, args.teacher, os.path.join(out, m), minutes[m], args.overrides, args.data), os.path.join(out, m))
+             for m in methods]
+    errors = run_jobs(queue, args.jobs, log)
     results = evaluate_all(args.teacher, out, methods, args.n, args.seeds, args.teacher_nfe, log)
     results["errors"] = {m: e for m, e in errors.items() if e}
     from unifuse.io import write_json

@@ -35,7 +35,7 @@ def test_presets_lists_every_required_name(capsys):
     assert {"toy-moons", "toy-8gaussians", "toy-checkerboard", "toy-swissroll"} <= names
 
 
-@pytest.mark.parametrize("command", ["finetune", "bench"])
+@pytest.mark.parametrize("command", ["bench"])
 def test_later_commands_say_not_yet_available(command, capsys):
     code, _, err = run([command, "anything"], capsys)
     assert code == 2 and one_error_line(err) and "not yet available" in err

@@ -6,6 +6,7 @@
                    [--autoguide RUN --guidance W] [--device D] [--dtype T] [--png] [--gif]
     unifuse eval --ckpt RUN [--n K] [--nll] [--device D] [--dtype T]
     unifuse distill [METHOD] --teacher RUN --out DIR [--minutes M | --steps N] [--seed S] [--set k=v ...]
+    unifuse finetune [METHOD] --base RUN --reward NAME --out DIR [--minutes M | --steps N] [--seed S] [--set k=v ...]
     unifuse samplers | presets
     unifuse demo [--out runs/demo] [--minutes M]
 
@@ -21,10 +22,11 @@ import os
 import sys
 import time
 
+from .cli_post import _add_distill, _add_finetune, cmd_distill, cmd_finetune
 from .errors import UnifuseError
 from .io import write_json
 
-NOT_YET = ("finetune", "bench")
+NOT_YET = ("bench",)
 DTYPES = ("float32", "float64")
 
 
@@ -39,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
     from .distill import METHODS
     from .distill.loop import RECOMMENDED
+    from .finetune import METHODS as FT_METHODS
+    from .finetune.loop import RECOMMENDED as FT_RECOMMENDED
+    from .finetune.rewards import REWARDS
     from .paths import SPACINGS
     from .samplers import SAMPLERS
 
@@ -69,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "unifuse distill cd --teacher runs/digits --out runs/digits-cd --minutes 10",
                      _wrap("methods: " + ", ".join(METHODS) + f"; without METHOD: {RECOMMENDED} (the best at equal time "
                            "in bench/distill.py); options: --set distill.options.KEY=VALUE (docs/distill.md)")))
+    _add_finetune(add("finetune", "fine-tune a trained run toward a reward (policy gradient, reward backpropagation, "
+                      "preference optimisation)",
+                      "unifuse finetune --base runs/digits --reward class:3 --out runs/digits-3 --minutes 5",
+                      _wrap("methods: " + ", ".join(FT_METHODS) + "; without METHOD: "
+                            + ", ".join(f"{m} {o or ''} for a {k} reward".replace("  ", " ")
+                                        for k, (m, o) in FT_RECOMMENDED.items())
+                            + "; rewards: " + ", ".join(REWARDS) + "; options: --set finetune.options.KEY=VALUE "
+                            "(docs/finetune.md)")))
     add("presets", "list the named training presets", "unifuse presets")
     add("samplers", "list the samplers: order, NFE rule, default spacing, default NFE, options",
         "unifuse samplers")
@@ -107,22 +120,6 @@ def _add_train(t) -> None:
     t.add_argument("--seed", type=int)
     t.add_argument("--resume", metavar="RUN", help="continue the run (or checkpoint folder) RUN exactly")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _add_distill(d) -> None:
-    d.add_argument("method", nargs="?", help="distillation method (default: the recommended one)")
-    d.add_argument("--teacher", help="the teacher's run folder (any family)")
-    d.add_argument("--out", help="the student's run folder (default: the --resume folder)")
-    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the student's config, e.g. --set distill.options.solver=euler or "
-                        "--set optim.lr=1e-4 (repeatable)")
-    budget = d.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, help="total optimizer steps of the distillation")
-    budget.add_argument("--minutes", type=float, help="time budget (--set train.clock=process counts CPU time)")
-    d.add_argument("--seed", type=int)
-    d.add_argument("--resume", metavar="RUN", help="continue the student run RUN exactly")
-    d.add_argument("--no-progress", action="store_true", help="no progress bar")
-    d.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
 
 
 def _add_sample(s) -> None:
@@ -385,40 +382,6 @@ def cmd_samplers(args) -> int:
     return 0
 
 
-def cmd_distill(args) -> int:
-    return _catching_signals(_distill, args, "distill")
-
-
-def _distill(args) -> int:
-    from .distill.loop import distill, distill_config
-    from .training.outputs import check_out_folder
-
-    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device != "auto" else [])
-    if args.resume:
-        if args.method or args.teacher:
-            raise UnifuseError("--resume continues a student run as it was started; drop METHOD and --teacher")
-        overrides += [f"train.{k}={v}" for k, v in (("steps", args.steps), ("minutes", args.minutes)) if v is not None]
-        cfg, out = resumed_config(args, overrides)
-    else:
-        if not args.teacher or not args.out:
-            raise UnifuseError("distill needs --teacher RUN and --out DIR (e.g. unifuse distill cd --teacher "
-                               "runs/digits --out runs/digits-cd --minutes 10)")
-        cfg = distill_config(args.teacher, args.method, overrides, steps=args.steps, minutes=args.minutes,
-                             seed=args.seed)
-        out = args.out
-    check_out_folder(out, data=cfg)
-    summary = distill(cfg, out, resume=args.resume, progress=not args.no_progress)
-    if summary.get("rank", 0) != 0:
-        return 0
-    if summary["stopped_by"] == "interrupted":
-        print(f"stopped at step {summary['step']}; continue with: unifuse distill --resume {out}", file=sys.stderr)
-        return 128 + int(summary.get("signal") or 2)
-    print(f"distilled {cfg.distill.teacher} with {cfg.distill.method} to step {summary['step']} "
-          f"({summary['stopped_by']} budget) in {summary['seconds']:.0f} s; checkpoint {summary['checkpoint']}; "
-          f"sample with: unifuse sample --ckpt {out} --out SAMPLES --nfe {cfg.sample.nfe}")
-    return 0
-
-
 def cmd_demo(args) -> int:
     from .training.demo import run_demo
 
@@ -426,8 +389,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "distill": cmd_distill, "presets": cmd_presets,
-            "samplers": cmd_samplers, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "distill": cmd_distill,
+            "finetune": cmd_finetune, "presets": cmd_presets, "samplers": cmd_samplers, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

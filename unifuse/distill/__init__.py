@@ -12,9 +12,7 @@
 """
 from __future__ import annotations
 
-import importlib
-
-from ..errors import UnifuseError, choose
+from ..registry import construct, lazy_class
 from .base import Context, frozen_copy, surrogate
 
 # name -> (module, class): imported when first asked for
@@ -31,18 +29,12 @@ METHODS = {
 
 
 def method_class(name: str):
-    choose("distillation method", name, METHODS)
-    module, cls = METHODS[name]
-    return getattr(importlib.import_module(f".{module}", __name__), cls)
+    return lazy_class(__name__, METHODS, "distillation method", name)
 
 
 def get(name: str, **options):
     """A distillation method by name with keyword options (e.g. get("cd", solver="heun"))."""
-    cls = method_class(name)
-    try:
-        return cls(**options)
-    except TypeError as err:
-        raise UnifuseError(f"bad option for distillation method {name!r}: {err}") from None
+    return construct(method_class(name), "distillation method", name, options)
 
 
 __all__ = ["METHODS", "Context", "frozen_copy", "get", "method_class", "surrogate"]

@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from ..model import DiffusionModel, rebind
+from ..training.run import Holds
 
 
 @dataclass
-class Context:
+class Context(Holds):
     """What a method sees: the models, the data, the budget, and the registry of what a checkpoint holds.
 
     teacher        frozen (eval, no grad), on the student's path
@@ -57,15 +58,6 @@ class Context:
     scalars: dict = field(default_factory=dict)     # logged with each metrics line (e.g. {"round": 3})
     env: object = None                              # the run's processes (`training.distributed.Env`); None: one
 
-    def add_net(self, name: str, module: nn.Module) -> nn.Module:
-        """Register an extra network (saved as NAME.safetensors in each checkpoint, restored on resume)."""
-        self.nets[name] = module.to(self.device)
-        return module
-
-    def add_optimizer(self, name: str, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        self.optimizers[name] = optimizer
-        return optimizer
-
     def wrap(self, module: nn.Module) -> nn.Module:
         """`module` as a method trains it: wrapped for data-parallel gradient averaging in a multi-process run."""
         from ..training import distributed
@@ -81,10 +73,6 @@ class Context:
         out = fn() if self.env.main else None
         distributed.barrier(self.env)
         return out if self.env.main else fn()
-
-    def add_state(self, name: str, obj) -> None:
-        """An object with state_dict()/load_state_dict() (tensors and plain numbers) kept for an exact resume."""
-        self.states[name] = obj
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

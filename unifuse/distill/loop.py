@@ -18,14 +18,14 @@ from dataclasses import replace
 
 import torch
 
-from ..config import TOYS, DistillConfig, apply_overrides, from_dict, validate
+from ..config import TOYS, DistillConfig, apply_overrides, validate
 from ..errors import UnifuseError
 from ..training import distributed
 from ..training.build import Batches, Conditioner, build_data, build_model, data_info, student_path
-from ..training.checkpoint import find_checkpoint, load_model, read_meta
+from ..training.checkpoint import find_checkpoint, load_model
 from ..training.ema import EMA
 from ..training.loop import describe, micro_batch, set_learning_rate
-from ..training.run import Run
+from ..training.run import Run, run_config
 from . import get, method_class
 from .base import Context
 from .grids import student_grid
@@ -43,13 +43,7 @@ RECOMMENDED = "cd"
 
 def teacher_config(teacher: str):
     """(checkpoint folder, config) of a teacher run, or one message naming the folder and the fix."""
-    try:
-        folder = find_checkpoint(teacher)
-    except UnifuseError as err:
-        raise UnifuseError(f"--teacher {teacher!r} is not a trained run ({err}); train one first, e.g. unifuse train "
-                           f"digits --out {teacher}") from None
-    meta = read_meta(folder)
-    cfg = from_dict(meta["config"])
+    folder, cfg = run_config(teacher, "teacher")
     if cfg.distill.method:
         raise UnifuseError(f"--teacher {teacher!r} is itself a distilled student ({cfg.distill.method}); distil from "
                            f"the many-step teacher it came from ({cfg.distill.teacher})")

@@ -37,6 +37,7 @@ from .steps import (
     step_dpmpp_sde,
     step_euler,
     step_euler_maruyama,
+    step_flow_sde,
     step_heun,
     step_langevin,
 )
@@ -107,4 +108,4 @@ __all__ = ["SAMPLERS", "Sampler", "available", "get", "Plan", "GaussianStep", "N
            "sample_dpmpp_2m_sde", "sample_unipc", "sample_ipndm", "sample_euler_maruyama", "sample_pc",
            "sample_midpoint", "sample_consistency", "sample_adaptive", "sample_average",
            "step_euler", "step_heun", "step_ddim", "step_dpmpp_2m", "step_ddpm", "step_dpmpp_sde",
-           "step_euler_maruyama", "step_langevin"]
+           "step_euler_maruyama", "step_langevin", "step_flow_sde"]

@@ -2,7 +2,8 @@
 
 Stochastic steps return their Gaussian transition (`GaussianStep`, with `log_prob`, for reward fine-tuning
 and likelihood diagnostics): DDIM with eta and DDPM (Song et al. 2020; Ho et al. 2020; card 4), SDE-DPM-Solver++
-(Lu et al. 2022b, card 8), Euler-Maruyama and the Langevin corrector (Song et al. 2021, card 5).
+(Lu et al. 2022b, card 8), Euler-Maruyama and the Langevin corrector (Song et al. 2021, card 5), and the reverse SDE
+with the PF-ODE's marginals at any noise level (`step_flow_sde`: Flow-GRPO's sampler, Liu et al. 2025, on any path).
 Deterministic steps return the new state: Euler and Heun on the PF-ODE in native time (Karras et al. 2022,
 Algorithm 1), DDIM with eta = 0 (= DPM-Solver-1) and DPM-Solver++(2M) given the previous denoised estimate.
 
@@ -226,6 +227,53 @@ def step_euler_maruyama(model, x, s, t, *, cond=None) -> GaussianStep:
     return GaussianStep(mean, std)
 
 
+def flow_sde_coefficients(path, s: float, t: float, eta: float) -> tuple:
+    """(c_x, c_0, c_eps, std) of the Flow-GRPO SDE step from s to t: x_t = c_x x_s + c_0 x0_hat + c_eps eps_hat + std z.
+
+    h = s - t, u = alpha'(s) x0_hat + sigma'(s) eps_hat, g^2 = eta^2 g_mem^2 with
+    g_mem^2 = d(sigma^2)/ds - 2 (alpha'/alpha) sigma^2:   c_x = 1, c_0 = -h alpha', c_eps = -h (sigma' + g^2 / (2 sigma_s)),
+    std = g sqrt(h). The data end (sigma_t = 0): (0, 1, 0, 0). From alpha_s = 0 (zero SNR, g_mem infinite) with
+    eta > 0: the exact DDIM step with eta' = min(eta, 1) (same marginals; eta' = 1 is the posterior step)."""
+    a_s, s_s, da_s, ds_s, l_s = coefs_at(path, s)
+    a_t, s_t, _, _, l_t = coefs_at(path, t)
+    if s_t == 0.0:
+        return 0.0, 1.0, 0.0, 0.0
+    h = s - t
+    if a_s == 0.0 and eta > 0.0:
+        c_x, c_0, std = ddim_coefficients(a_s, s_s, l_s, a_t, s_t, l_t, min(eta, 1.0))
+        return c_x, c_0, 0.0, std
+    g2 = 0.0 if eta == 0.0 else eta * eta * max(2.0 * s_s * ds_s - 2.0 * (da_s / a_s) * s_s * s_s, 0.0)
+    return 1.0, -h * da_s, -h * (ds_s + 0.5 * g2 / s_s), math.sqrt(g2 * h)
+
+
+def step_flow_sde(model, x, s, t, *, eta: float = 1.0, cond=None) -> GaussianStep:
+    """One step of the reverse SDE with the PF-ODE's marginals at noise level eta (Flow-GRPO, Liu et al. 2025,
+    generalised to any path) from s to t < s, h = s - t, as a Gaussian:
+
+        x_t = x_s - h [u - (g^2 / 2) score] + g sqrt(h) z,   u = alpha' x0_hat + sigma' eps_hat, score = -eps_hat / sigma_s,
+        g^2 = eta^2 (d(sigma^2)/ds - 2 (alpha'/alpha) sigma^2)     (eta = 1: the forward SDE's, memoryless).
+
+    On rf g = a sqrt(sigma / (1 - sigma)) with Flow-GRPO's a = eta sqrt(2) (their a = 0.7: eta ~ 0.495); eta = 0 is
+    the Euler step. The step to the data end returns x0_hat (std 0); a step from zero SNR (alpha_s = 0, where g is
+    infinite) is the exact DDIM step with eta clamped to 1. s, t: numbers or [batch] per-sample times."""
+    eta = _check_sde_eta(eta)
+    s, t = _step_times(s, t, x.shape[0])
+    c = _per_sample(lambda a, b: flow_sde_coefficients(model.path, a, b, eta), s, t)
+    e = _evaluate(model, x, s, cond)
+    xs = x.to(e.x0.dtype)
+    return GaussianStep(_affine(xs, c[0], [(c[1], e.x0), (c[2], e.eps)]), _column(c[3], xs))
+
+
+def _check_sde_eta(eta) -> float:
+    try:
+        eta = float(eta)
+    except (TypeError, ValueError):
+        raise UnifuseError(f"the SDE's eta must be a number >= 0, got {eta!r}") from None
+    if not (eta >= 0.0 and math.isfinite(eta)):
+        raise UnifuseError(f"the SDE's eta must be finite and >= 0 (0 = the Euler ODE step, 1 = memoryless), got {eta}")
+    return eta
+
+
 def step_langevin(model, x, t, *, snr: float = 0.16, z=None, rule: str = "norms", cond=None) -> GaussianStep:
     """One Langevin corrector step at time t as a Gaussian (step size from the norms of z and the score)."""
     _, s_t, _, _, _ = coefs_at(model.path, t)
@@ -236,4 +284,4 @@ def step_langevin(model, x, t, *, snr: float = 0.16, z=None, rule: str = "norms"
 
 
 __all__ = ["GaussianStep", "step_euler", "step_heun", "step_ddim", "step_dpmpp_2m", "step_ddpm", "step_dpmpp_sde",
-           "step_euler_maruyama", "step_langevin"]
+           "step_euler_maruyama", "step_flow_sde", "step_langevin"]

@@ -127,3 +127,37 @@ class OracleNet(torch.nn.Module):
         if self.kind == "consistency":
             raise UnifuseError("use GaussianMixture.consistency_model for the exact consistency function")
         raise UnifuseError(f"the oracle cannot predict {self.kind!r}")
+
+
+class LearnableGaussian(torch.nn.Module):
+    """A trainable Gaussian base for reward fine-tuning checks: data N(mean, diag std^2) with learnable mean and
+    log std, the network predicting the exact denoiser E[x0 | x_t] of that Gaussian on `path` (prediction "x0").
+    Its KL-regularised optimum under a quadratic reward is again a Gaussian (`tilted_gaussian`)."""
+
+    def __init__(self, path: Path, mean, std):
+        super().__init__()
+        self.path = path
+        self.mean = torch.nn.Parameter(torch.as_tensor(mean, dtype=F64).clone())
+        self.log_std = torch.nn.Parameter(torch.as_tensor(std, dtype=F64).log().clone())
+
+    def forward(self, x_in, t, **cond):
+        a, s, _, _ = self.path.coefficients(t.to(F64))
+        shape = (-1,) + (1,) * (x_in.ndim - 1)
+        a, s = a.reshape(shape), s.reshape(shape)
+        var = torch.exp(2 * self.log_std)
+        x = x_in.to(F64)
+        return (self.mean + a * var / (a * a * var + s * s) * (x - a * self.mean)).to(x_in.dtype)
+
+    def model(self):
+        from ..model import DiffusionModel
+
+        return DiffusionModel(self, self.path, "x0")
+
+
+def tilted_gaussian(mean, std, center, rho, kl: float):
+    """(mean*, std*) of p_base(x) exp(r(x) / kl) / Z for p_base = N(mean, std^2) and r(x) = -(x - center)^2 / (2 rho^2),
+    per dimension: precision P = 1/std^2 + 1/(kl rho^2), mean* = (mean/std^2 + center/(kl rho^2)) / P
+    (research/post-training.md, check 9)."""
+    m, s, c, r = (torch.as_tensor(v, dtype=F64) for v in (mean, std, center, rho))
+    precision = 1 / s**2 + 1 / (kl * r**2)
+    return (m / s**2 + c / (kl * r**2)) / precision, precision.rsqrt()

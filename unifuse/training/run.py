@@ -320,6 +320,36 @@ def release_stop_signals() -> None:
         early.restore()
 
 
+class Holds:
+    """What a post-training method adds to every checkpoint, mixed into its context (`distill.Context`,
+    `finetune.Context`, which hold `nets`, `optimizers`, `states` and `device`)."""
+
+    def add_net(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
+        """Register an extra network (saved as NAME.safetensors in each checkpoint, restored on resume)."""
+        self.nets[name] = module.to(self.device)
+        return module
+
+    def add_optimizer(self, name: str, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        self.optimizers[name] = optimizer
+        return optimizer
+
+    def add_state(self, name: str, obj) -> None:
+        """An object with state_dict()/load_state_dict() (tensors and plain numbers) kept for an exact resume."""
+        self.states[name] = obj
+
+
+def run_config(run: str, option: str) -> tuple:
+    """(checkpoint folder, config) of the trained run that `--OPTION run` names, or one message naming the fix."""
+    from ..config import from_dict
+
+    try:
+        folder = find_checkpoint(run)
+    except UnifuseError as err:
+        raise UnifuseError(f"--{option} {run!r} is not a trained run ({err}); train one first, e.g. unifuse train "
+                           f"digits --out {run}") from None
+    return folder, from_dict(read_meta(folder)["config"])
+
+
 def weights_digest(*nets) -> str:
     """SHA-256 of the parameters and buffers of the given networks (to compare processes)."""
     import hashlib
