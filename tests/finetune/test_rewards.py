@@ -85,7 +85,7 @@ def test_class_reward_gradient_matches_finite_differences(monkeypatch):
     load = shipped.load_classifier
     monkeypatch.setattr(shipped, "load_classifier", lambda name: load(name).double())   # float64 for the check
     x, _ = digits_heldout()
-    x = x[:4].double()
+    x = x[:4].double() * 0.9   # inside (-1, 1): the reward clamps images to [-1, 1] (a kink at the ends)
     r = get_reward("class:7", DIGITS)
     images = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(r(images).sum(), images)      # gradients reach the images
@@ -190,3 +190,17 @@ def test_require_differentiable_names_reward_method_and_alternatives():
     with pytest.raises(UnifuseError, match="reward 'compressibility' has no gradient; method 'draft' "
                                            "backpropagates through it; use ddpo, dpok, grpo, dpo or ipo"):
         require_differentiable(get_reward("compressibility", DIGITS), "draft")
+
+
+def test_rewards_score_images_clamped_to_the_data_range():
+    """Out-of-range pixels earn nothing: the reward sees the picture as written (a fine-tuned policy otherwise learns
+    to push pixels past 1, where the classifier's logits keep growing)."""
+    r = get_reward("brightness", DIGITS)
+    x = torch.full((2, 1, 8, 8), 3.0).requires_grad_(True)
+    value = r(x)
+    assert torch.equal(value, torch.ones(2))
+    (grad,) = torch.autograd.grad(value.sum(), x)
+    assert torch.equal(grad, torch.zeros_like(x))
+    three = get_reward("class:3", DIGITS)
+    y = torch.randn(4, 1, 8, 8) * 3
+    torch.testing.assert_close(three(y), three(y.clamp(-1, 1)))

@@ -40,13 +40,17 @@ REWARDS = {
 @dataclass
 class Reward:
     """A named reward: `reward(images, cond)` -> float tensor [B], checked on every call.
-    differentiable: False when the reward has no gradient (JPEG sizes): backpropagating methods refuse it."""
+    differentiable: False when the reward has no gradient (JPEG sizes): backpropagating methods refuse it.
+    Images ([B, C, H, W]) are clamped to [-1, 1] first: the reward scores the picture as it is written, so a policy
+    cannot earn reward with out-of-range pixels (a fine-tuned model otherwise learns exactly that: the classifier's
+    logits keep growing outside the data's range while the saved image shows another digit)."""
 
     name: str
     fn: Callable
     differentiable: bool = True
 
     def __call__(self, images: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        images = images.clamp(-1.0, 1.0) if images.ndim == 4 else images
         if self.differentiable:
             value = self.fn(images, cond if cond is not None else {})
         else:
