@@ -57,7 +57,8 @@ def measure(run: str, reward_name: str, n: int, seed: int = 0) -> dict:
     info = read_meta(folder)["data"]
     model, cfg = load_model(folder)
     x, _ = generate(model, cfg.sample, info, n, conditioning=cfg.data.cond, seed=seed)
-    reward = get_reward(reward_name, info)
+    pixels = dict(info, shape=info["latent"]["shape"], latent=None) if info.get("latent") else info
+    reward = get_reward(reward_name, pixels)  # on the decoded images `generate` returns
     net = load_classifier(info["name"])
     feats, logits = classify(net, x)
     pred = logits.argmax(1)

@@ -233,8 +233,12 @@ def _train(args) -> int:
 
         signum = summary.get("signal") or signal.SIGINT
         run = os.path.dirname(os.path.dirname(summary["checkpoint"])) if summary.get("checkpoint") else out
+        how = f"unifuse train --resume {run}"
+        if cfg.data.latent.startswith("train:") and os.path.abspath(run) != os.path.abspath(out):  # the AE stage
+            how += (f", then the latent model on it: unifuse train {cfg.name} --out {out} --set "
+                    f"data.latent={run}")
         print(f"{signal.Signals(signum).name}: stopped at step {summary['step']}; checkpoint {summary['checkpoint']}; "
-              f"continue with: unifuse train --resume {run}", file=sys.stderr)
+              f"continue with: {how}", file=sys.stderr)
         return 128 + int(signum)
     print(f"trained {cfg.name} to step {summary['step']} ({summary['stopped_by']} budget, {summary['precision']}) in "
           f"{summary['seconds']:.0f} s; checkpoint {summary['checkpoint']}")

@@ -15,11 +15,15 @@ class DataConfig:
     channels: int = 0               # image folders: 1 grayscale, 3 RGB, 0 grayscale if every file is
     heldout: float = 0.15           # image folders: held-out split, a fraction (< 1) or a count (>= 1) per class
     strict: bool = False            # image folders: refuse unreadable files (listing them) instead of skipping them
+    latent: str = ""                # "" pixel space; an autoencoder run folder: train on its latents (unifuse.latent);
+                                    # "train:PRESET": train that autoencoder preset first, into RUN/autoencoder
+    latent_options: dict = field(default_factory=dict)  # with train:PRESET, the autoencoder stage's overrides
+                                    # ({train: {steps: 500}}); its budget: LATENT_AE_SHARE of train.minutes
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str = "edm"             # ddpm | iddpm | vpsde | vesde | edm | rf | trigflow | ct
+    family: str = "edm"             # ddpm | iddpm | vpsde | vesde | edm | rf | trigflow | ct | ... | ae (autoencoder)
     net: str = "unet-digits"        # a unifuse.nets preset
     net_options: dict = field(default_factory=dict)   # keyword overrides for build_net
     path: str = "edm"               # a uf.paths name

@@ -56,12 +56,16 @@ class Evaluator:
 
 def measure(model, ctx, cfg, n: int, seed: int = EVAL_SEED) -> dict:
     """reward, kl and fd of n fresh samples of `model` (see the module docstring)."""
+    from ..latent import find_codec
     from ..samplers import generators, randn
     from ..training.sampling import generate
 
-    x, labels = generate(model, cfg.sample, ctx.info, n, conditioning=cfg.data.cond, seed=seed, device=ctx.device)
+    z, labels = generate(model, cfg.sample, ctx.info, n, conditioning=cfg.data.cond, seed=seed, device=ctx.device,
+                         decode=False)  # latents for a latent run (what the reward takes), else the images
     cond = {"class_labels": labels.to(ctx.device)} if labels is not None and cfg.data.cond == "class" else {}
-    out = {"reward": float(ctx.reward(x.to(ctx.device), cond).mean())}
+    out = {"reward": float(ctx.reward(z.to(ctx.device), cond).mean())}
+    codec = find_codec(ctx.info)
+    x = codec.decode(z.to(ctx.device)).cpu() if codec is not None else z
     m = min(n, 128)
     gens = generators(seed + 1, 0, m)
     noise = randn((m, *ctx.info["shape"]), generator=gens).to(ctx.device)

@@ -48,9 +48,10 @@ class Reward:
     name: str
     fn: Callable
     differentiable: bool = True
+    pixels: bool = True             # False: the inputs are latents (`decoded`), not clamped
 
     def __call__(self, images: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
-        images = images.clamp(-1.0, 1.0) if images.ndim == 4 else images
+        images = images.clamp(-1.0, 1.0) if images.ndim == 4 and self.pixels else images
         if self.differentiable:
             value = self.fn(images, cond if cond is not None else {})
         else:
@@ -222,7 +223,10 @@ def _user_reward(name: str) -> Reward:
 # --- by name ------------------------------------------------------------------------------------------------------
 def get_reward(name: str, info: dict, device="cpu") -> Reward:
     """A reward by name (see `REWARDS`) for data described by `info` (the run's data_info: name, shape, pad,
-    num_classes), its networks on `device`."""
+    num_classes), its networks on `device`. For a latent run (info["latent"]) the reward takes latents and scores
+    their decoded images (`decoded`)."""
+    if (info or {}).get("latent"):
+        return decoded(get_reward(name, dict(info, shape=info["latent"]["shape"], latent=None), device), info)
     if not isinstance(name, str) or not name:
         raise UnifuseError(f"reward must be a name, got {name!r}; valid rewards: {', '.join(REWARDS)}")
     device = torch.device(device)
@@ -240,6 +244,18 @@ def get_reward(name: str, info: dict, device="cpu") -> Reward:
     if ":" in name:
         return _user_reward(name)
     raise UnifuseError(f"unknown reward {name!r}; valid rewards: {', '.join(REWARDS)}")
+
+
+def decoded(pixel: Reward, info: dict) -> Reward:
+    """`pixel` on the decoded images of latents: r(z, cond) = pixel(D(z), cond), differentiable through the decoder
+    (the run's codec, `unifuse.latent.find_codec`, found when first called: loading the run registers it)."""
+    from ..latent import find_codec
+
+    def fn(latents: torch.Tensor, cond: dict) -> torch.Tensor:
+        images = find_codec(info).decode(latents)
+        return pixel(images.to(latents.dtype), cond)
+
+    return Reward(pixel.name, fn, pixel.differentiable, pixels=False)
 
 
 def require_differentiable(reward, method_name: str) -> None:

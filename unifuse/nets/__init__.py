@@ -8,6 +8,10 @@ or a pooled [B, d_text] embedding. Nets know nothing of paths or parameterizatio
 noise-conditional classifier of classifier guidance (`classifier.py`, logits instead of a denoiser output), whose
 input is made path-invariant with its own path.
 
+The autoencoders of latent diffusion (`autoencoder.py`, family "ae") have their own dicts (AUTOENCODERS,
+AE_PRESETS: they are called as encode(x) / decode(z), not as denoisers); `build_net("ae-mnist")` builds one and
+`AUTOENCODERS[family](**config)` rebuilds one from what a checkpoint stores.
+
 `build_net("unet-digits", num_classes=10)` builds a preset with overrides; `build_net("unet", **net.config)`
 rebuilds any net from the `config` dict it carries (what checkpoints store, with `net.family`).
 """
@@ -16,12 +20,14 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnifuseError, choose
+from .autoencoder import Autoencoder
 from .classifier import NoisyClassifier
 from .dit import DiT
 from .mlp import MLP
 from .unet import UNet
 
 NETS = {"mlp": MLP, "unet": UNet, "dit": DiT}
+AUTOENCODERS = {"ae": Autoencoder}
 
 TEXT_DIM = 384  # width of the bundled caption encoder's token embeddings (all-MiniLM-L6-v2)
 
@@ -40,20 +46,30 @@ for _name in list(NET_PRESETS):  # conditional variants: "<preset>-cond" (10 cla
     NET_PRESETS[_name + "-cond"] = (_family, dict(_kw, num_classes=2 if _name == "mlp-toy" else 10))
     NET_PRESETS[_name + "-text"] = (_family, dict(_kw, text_dim=TEXT_DIM))
 del _name, _family, _kw
+# autoencoders (downsampling factor 4: 28x28x1 -> 7x7x4, 32x32x3 -> 8x8x4); "-plain": deterministic, no KL term
+AE_PRESETS = {
+    "ae-mnist":       ("ae", dict(in_channels=1, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1,
+                                  latent_channels=4, variational=True)),
+    "ae-mnist-plain": ("ae", dict(in_channels=1, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1,
+                                  latent_channels=4, variational=False)),
+    "ae-rgb32":       ("ae", dict(in_channels=3, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                                  latent_channels=4, variational=True)),
+}
 
 
 def build_net(name: str, **overrides) -> nn.Module:
-    """A network from a family name ("unet") or a preset name ("unet-digits"), with keyword overrides."""
-    if name in NET_PRESETS:
-        family, kwargs = NET_PRESETS[name]
+    """A network from a family name ("unet") or a preset name ("unet-digits", "ae-mnist"), with keyword overrides."""
+    presets, families = {**NET_PRESETS, **AE_PRESETS}, {**NETS, **AUTOENCODERS}
+    if name in presets:
+        family, kwargs = presets[name]
         kwargs = dict(kwargs, **overrides)
     else:
-        family, kwargs = choose("network", name, sorted(NETS) + sorted(NET_PRESETS)), overrides
+        family, kwargs = choose("network", name, sorted(families) + sorted(presets)), overrides
     try:
-        return NETS[family](**kwargs)
+        return families[family](**kwargs)
     except TypeError as e:  # an unknown keyword: say which ones exist
         import inspect
-        valid = [p for p in inspect.signature(NETS[family]).parameters]
+        valid = [p for p in inspect.signature(families[family]).parameters]
         raise UnifuseError(f"bad arguments for network {name!r} ({e}); valid keywords: {', '.join(valid)}") from None
 
 
@@ -62,4 +78,5 @@ def num_params(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
-__all__ = ["NETS", "NET_PRESETS", "TEXT_DIM", "MLP", "UNet", "DiT", "NoisyClassifier", "build_net", "num_params"]
+__all__ = ["AE_PRESETS", "AUTOENCODERS", "NETS", "NET_PRESETS", "TEXT_DIM", "MLP", "UNet", "DiT", "Autoencoder",
+           "NoisyClassifier", "build_net", "num_params"]

@@ -3,10 +3,11 @@
 An objective holds only hyperparameters (EDM's `loss.py`); time densities are plain `rand_*` functions;
 weightings are functions of log-SNR; couplings pair data with noise. `get(name, **options)` builds one by
 name (the names the training configs use). `ClassifierLoss` trains the noise-conditional classifier of
-classifier guidance.
+classifier guidance; `AutoencoderLoss` ("autoencoder") trains the autoencoder of latent diffusion.
 """
 from ..errors import UnifuseError, choose
 from ..paths.grids import karras_sigmas
+from .autoencoder import AutoencoderLoss, kl_divergence
 from .classifier import ClassifierLoss
 from .consistency import ConsistencyTrainingLoss, ect_r, ict_steps, pseudo_huber
 from .couplings import COUPLINGS, couple
@@ -48,6 +49,7 @@ OBJECTIVES = {
     "meanflow": MeanFlowLoss,
     "shortcut": ShortcutLoss,
     "regression": DenoisingLoss,
+    "autoencoder": AutoencoderLoss,
 }
 
 
@@ -62,7 +64,7 @@ def get(name: str, **options):
 
 __all__ = ["OBJECTIVES", "get", "DenoisingLoss", "DDPMLoss", "DSMLoss", "EDMLoss", "FlowMatchingLoss",
            "TrigFlowLoss", "HybridLoss", "ConsistencyTrainingLoss", "SCTLoss", "MeanFlowLoss", "ShortcutLoss",
-           "ClassifierLoss", "TARGETS",
+           "ClassifierLoss", "AutoencoderLoss", "kl_divergence", "TARGETS",
            "WEIGHTINGS", "TIME_DENSITIES",
            "COUPLINGS", "ImportanceSampler", "rand_uniform", "rand_index", "rand_log_normal", "rand_logit_normal",
            "rand_logsnr_uniform", "x0_weight", "eps_weight", "loss_weight", "equivalent_x0_weight", "couple",

@@ -1,26 +1,32 @@
 """From a Config to the library's parts: data set, network, DiffusionModel, objective, batches.
 
+A latent run (data.latent names an autoencoder run) trains on the training set's latents: `build_data` encodes the
+images once, in chunks, with the autoencoder's `LatentCodec` (its per-channel scale fitted on the whole training
+set), and returns a `LatentData` set of shape [c, h, w]; everything downstream sees an ordinary data set.
+
 The model is `DiffusionModel(net, path, prediction, sigma_data, time_input=path.c_noise, scale_input=True)`:
 the network sees unit-scale inputs on every path (EDM's c_in) and the library's noise labels c_noise(t).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from ..data import Dataset
 from ..errors import UnifuseError
 from ..model import DiffusionModel
 
 
 def build_data(cfg, split: str = "train"):
     """The configured data set (unifuse.data.load_dataset). With data.cond=text on an image folder the images'
-    captions are read and the labels become each image's index into the sorted distinct captions."""
-    from dataclasses import replace
-
+    captions are read and the labels become each image's index into the sorted distinct captions. With data.latent
+    set: the split's latents (`latent_data`)."""
     from ..data import load_dataset
     from ..data.images import folder_path
 
+    if cfg.data.latent:
+        return latent_data(cfg, split)
     folder = folder_path(cfg.data.name)
     text_folder = cfg.data.cond == "text" and folder is not None
     if folder is None:
@@ -40,6 +46,45 @@ def build_data(cfg, split: str = "train"):
         raise UnifuseError(f"data.cond={cfg.data.cond!r} needs class labels, but data set {cfg.data.name!r} has none; "
                            f"{fix}")
     return data
+
+
+@dataclass(frozen=True, eq=False)
+class LatentData(Dataset):
+    """A data set of normalised latents `codec.encode(images)` [N, c, h, w] (labels, classes and captions those of
+    the images); pixel_shape: the images' shape, what `codec.decode` returns. Not 8-bit images (is_image False: a
+    hybrid objective uses a Gaussian decoder, likelihoods are latent-space densities)."""
+
+    codec: object = None
+    pixel_shape: tuple = ()
+
+    @property
+    def is_image(self) -> bool:
+        return False
+
+
+def latent_source(cfg) -> str:
+    """Where a latent run's codec comes from: the teacher or base run it starts from (which carries the codec it was
+    trained with), else the autoencoder run data.latent."""
+    return cfg.distill.teacher or cfg.finetune.base or cfg.data.latent
+
+
+def latent_data(cfg, split: str = "train") -> LatentData:
+    """The latents of the configured images: encoded once, in chunks, under no_grad, by the codec of
+    `latent_source(cfg)`; a fresh autoencoder's shift and scale are fitted on the whole training split first."""
+    from ..latent import fit_scale, remember
+    from .checkpoint import load_codec
+
+    if cfg.data.latent.startswith("train:"):
+        raise UnifuseError(f"data.latent={cfg.data.latent!r} trains the autoencoder inside the run: start it with "
+                           "unifuse.training.train(cfg, out) (unifuse train), which names the autoencoder run")
+    pixel_cfg = replace(cfg, data=replace(cfg.data, latent="", latent_options={}))
+    codec, fitted = load_codec(latent_source(cfg))
+    images = build_data(pixel_cfg, split)
+    if not fitted:
+        fit_scale(codec, images.images if split == "train" else build_data(pixel_cfg, "train").images)
+    remember(codec)
+    return LatentData(images.name, codec.encode(images.images).cpu(), images.labels, images.num_classes, images.pad,
+                      images.class_names, images.captions, codec=codec, pixel_shape=tuple(images.shape))
 
 
 def refuse_folder_keys(cfg) -> None:
@@ -64,6 +109,8 @@ def data_info(data) -> dict:
         from ..data.captions import caption_vocabulary
 
         info["captions"] = caption_vocabulary(data.captions)[0]
+    if isinstance(data, LatentData):  # what decodes the samples: the codec's architecture, shift, scale, digest
+        info["latent"] = dict(data.codec.meta(), shape=list(data.pixel_shape))
     return info
 
 
@@ -259,5 +306,6 @@ class Conditioner:
         return {k: v.to(self.device) for k, v in cond.items()}
 
 
-__all__ = ["build_data", "data_info", "build_net", "Flattened", "fit_to_data", "build_path", "build_model",
+__all__ = ["LatentData", "build_data", "data_info", "latent_data", "latent_source",
+           "build_net", "Flattened", "fit_to_data", "build_path", "build_model",
            "build_objective", "Batches", "Conditioner"]

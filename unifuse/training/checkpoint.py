@@ -8,6 +8,10 @@
                                                     data shape, network config, data position, file hashes
     RUN/ckpt/latest.json     {"dir": "step-00001000", "step": 1000}
 
+A latent diffusion run's checkpoint also carries its autoencoder: autoencoder.safetensors (the `LatentCodec`'s
+weights, shift and scale), described by the sidecar's data.latent (architecture, shift, scale, padding, digest);
+`load_model` loads it (refusing one whose digest differs) so that sampling decodes (`unifuse.latent`).
+
 A checkpoint is written into a temporary folder that is renamed into place, and `latest.json` moves to it
 only afterwards (temporary file, then rename), so an interruption at any moment leaves the previous good
 checkpoint intact (`unifuse.io`). Loading checks the sidecar and every file's SHA-256 and stops with one message naming
@@ -70,6 +74,10 @@ def save_checkpoint(run_dir: str, step: int, *, meta: dict, keep: int = 2, **fil
     from safetensors.torch import save_file
 
     root, name = os.path.join(run_dir, "ckpt"), f"step-{step:08d}"
+    if (meta.get("data") or {}).get("latent") and "autoencoder" not in files:  # a latent run carries its codec
+        from ..latent import find_codec
+
+        files = dict(files, autoencoder=find_codec(meta["data"]).state_dict())
 
     def write(folder):
         hashes = {}
@@ -189,6 +197,9 @@ def load_model(run_dir: str, ema=True, device="cpu", nfe: int | None = None):
         cfg = from_dict(meta["config"])
     except UnifuseError as err:
         raise UnifuseError(f"the config stored in {folder} does not load with this version of unifuse: {err}") from None
+    if cfg.model.family == "ae":
+        raise UnifuseError(f"{folder} is an autoencoder run, not a diffusion model; train a latent model on it with "
+                           f"--set data.latent={run_dir}")
     net = rebuild_net(meta, cfg, build_net)
     weights = student_weights(cfg, meta, nfe if nfe is not None else cfg.sample.nfe)
     if weights is not None:
@@ -204,7 +215,47 @@ def load_model(run_dir: str, ema=True, device="cpu", nfe: int | None = None):
                            "use the checkpoint with the unifuse version that wrote it") from None
     model = build_model(cfg, net.to(device))
     model.eval()
+    if meta["data"].get("latent"):  # a latent model: its samples decode with the autoencoder it carries
+        load_codec(folder, device=device)
     return model, cfg
+
+
+def check_codec(path: str, info: dict) -> None:
+    """Refuse continuing the run at `path` on data encoded by another autoencoder (or on pixels instead of latents,
+    or the reverse): one message naming both."""
+    from ..latent import check_digest
+
+    folder = find_checkpoint(path)
+    old, new = (read_meta(folder).get("data") or {}).get("latent"), info.get("latent")
+    if old or new:
+        check_digest((new or {}).get("digest", "pixel space"), (old or {}).get("digest", "pixel space"), folder)
+
+
+def load_codec(path: str, device="cpu"):
+    """(LatentCodec, fitted) from an autoencoder run (its EMA weights; shift 0 and scale 1, fitted=False: fit them
+    with `unifuse.latent.fit_scale`) or from a latent run's checkpoint (the codec it carries, fitted=True; its
+    digest checked and the codec remembered for decoding)."""
+    from ..latent import LatentCodec, codec_from_meta, remember
+    from ..nets import AUTOENCODERS
+
+    folder = find_checkpoint(path)
+    meta = read_meta(folder)
+    latent = (meta.get("data") or {}).get("latent")
+    if latent:
+        codec = codec_from_meta(latent, load_tensors(folder, "autoencoder", meta), folder).to(device)
+        remember(codec)
+        return codec, True
+    net_meta = meta.get("net") or {}
+    if net_meta.get("family") != "ae" or not isinstance(net_meta.get("config"), dict):
+        raise UnifuseError(f"{path} is neither an autoencoder run nor a latent diffusion run; data.latent names one "
+                           f"(train it with: unifuse train mnist-ae --out {path})")
+    ae = AUTOENCODERS["ae"](**net_meta["config"])
+    try:
+        ae.load_state_dict(load_tensors(folder, "ema", meta))
+    except RuntimeError as err:
+        raise UnifuseError(f"the weights in {folder} do not fit the autoencoder in its sidecar ({load_error(err)}); "
+                           "use the checkpoint as unifuse wrote it") from None
+    return LatentCodec(ae, pad=int(meta["data"].get("pad", 0))).to(device), False
 
 
 def rebuild_net(meta: dict, cfg, build_net):
@@ -218,5 +269,6 @@ def rebuild_net(meta: dict, cfg, build_net):
     return build_net(cfg, meta["data"])
 
 
-__all__ = ["find_checkpoint", "load_error", "load_model", "load_tensors", "optimizer_state", "optimizer_tensors", "read_meta",
+__all__ = ["check_codec", "find_checkpoint", "load_codec",
+           "load_error", "load_model", "load_tensors", "optimizer_state", "optimizer_tensors", "read_meta",
            "rebuild_net", "save_checkpoint"]

@@ -7,9 +7,14 @@ held-out split beside its real-vs-real floor, precision/recall, class statistics
 need no download (`unifuse.metrics.evaluate_folder`) against the folder's held-out split (data.heldout; the
 training images when that split is empty), labelled as not comparable to published FID. 2-D sets: the toy
 metrics. `--nll` adds bits/dim of 64 held-out images.
+
+A latent run: the samples are decoded and measured as images; the report adds "autoencoder", the held-out distance
+(fd_heldout, fd_ratio) of training images passed through the autoencoder (encode, decode): the ceiling a latent
+model can reach. Its `--nll` is a density of the held-out latents, labelled as such (not pixel bits/dim).
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -50,10 +55,59 @@ def evaluate_run(ckpt: str, n=None, *, nll: bool = False, sampler=None, nfe=None
               "sampler": sampler or cfg.sample.sampler, "nfe": nfe or cfg.sample.nfe, "seed": seed,
               "device": str(device), "dtype": str(dtype).removeprefix("torch."),
               "sample_seconds": round(time.time() - start, 2)}
-    report.update(sample_metrics(x, labels, info, cfg, seed))
+    report.update(sample_metrics(x, labels, info, pixel_config(cfg), seed))
+    if info.get("latent"):
+        report["autoencoder"] = reconstruction_metrics(cfg, info, n, seed)
     if nll:
-        report["nll"] = heldout_nll(model, cfg, progress, device)
+        report["nll"] = (latent_nll if info.get("latent") else heldout_nll)(model, cfg, progress, device)
     return report
+
+
+def pixel_config(cfg):
+    """The run's config in pixel space (data.latent dropped): what its images are compared with."""
+    from dataclasses import replace
+
+    return replace(cfg, data=replace(cfg.data, latent="", latent_options={}))
+
+
+def reconstruction_metrics(cfg, info: dict, n: int, seed: int = 0) -> dict:
+    """The autoencoder's ceiling: n training images (a seeded random subset) passed through encode and decode,
+    measured against the held-out split as the samples are (fd_heldout beside its floor, fd_ratio; for a folder,
+    `folder_metrics`), with the recognised share and the reconstruction's mean squared error and PSNR. Not the
+    distance to the training set: those images are the reconstructions' own originals."""
+    from .. import metrics
+    from ..latent import find_codec
+    from .build import build_data
+    from .demo import heldout_fd
+    from .outputs import data_folder
+
+    codec, pixel = find_codec(info), pixel_config(cfg)
+    data = build_data(pixel, "train")
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+    x, labels = data.images[idx], None if data.labels is None else data.labels[idx]
+    with torch.no_grad():
+        recon = codec.decode(codec.encode(x)).clamp(-1, 1).cpu()
+    mse = float((recon - x).square().mean())
+    report = {"n": int(x.shape[0]), "mse": mse, "psnr": 10 * math.log10(4.0 / max(mse, 1e-12))}  # peak-to-peak 2
+    if data_folder(info) is not None:
+        return dict(report, **folder_metrics(recon, labels, pixel, seed))
+    report.update(heldout_fd(recon, info["name"], seed=seed))
+    report["recognised"] = metrics.evaluate_images(recon, info["name"])["recognised"]
+    return report
+
+
+def latent_nll(model, cfg, progress: bool, device) -> dict:
+    """-log p(z) of 64 held-out latents by the PF-ODE, in bits per latent dimension: a density of the latents
+    z = (E(x) - shift) / scale (continuous, no dequantization), not a bound on the pixels' bits/dim."""
+    from ..likelihood import log_likelihood
+    from .build import build_data
+
+    z = build_data(cfg, "heldout").images[:64].to(device)
+    logp = log_likelihood(model, z, batch_size=32, progress=progress).double()
+    bits = -logp / (z[0].numel() * math.log(2))
+    return {"latent_bits_per_dim": float(bits.mean()), "latent_bits_per_dim_sem": float(bits.std() / len(bits) ** 0.5),
+            "n": int(z.shape[0]), "space": "latent", "note": "density of the autoencoder's normalised latents, not "
+            "pixel bits/dim; it excludes the decoder's likelihood"}
 
 
 def sample_metrics(x, labels, info: dict, cfg, seed: int = 0) -> dict:
@@ -100,4 +154,5 @@ def heldout_nll(model, cfg, progress: bool, device) -> dict:
     return nll_report(model, held.to(device), progress=progress)
 
 
-__all__ = ["MIN_FD_SAMPLES", "check_eval_numbers", "evaluate_run", "folder_metrics", "sample_metrics"]
+__all__ = ["MIN_FD_SAMPLES", "check_eval_numbers", "evaluate_run", "folder_metrics", "latent_nll", "pixel_config",
+           "reconstruction_metrics", "sample_metrics"]

@@ -21,6 +21,7 @@ import torch
 from ..errors import UnifuseError
 from . import distributed
 from .build import Batches, Conditioner, build_data, build_model, build_net, build_objective, data_info
+from .checkpoint import check_codec
 from .ema import EMA, PowerEMA
 from .plots import sample_grid
 from .run import Run, TrainingDiverged, weights_digest
@@ -51,15 +52,29 @@ def set_learning_rate(cfg, optimizer, step: int, progress: float | None = None) 
 
 def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, log=print) -> dict:
     """Train `cfg` into the run folder `out` (optionally resuming from a run or checkpoint folder).
-    Returns a summary dict: step, images, loss (last logged), seconds, checkpoint folder, stop reason."""
+    Returns a summary dict: step, images, loss (last logged), seconds, checkpoint folder, stop reason.
+    An autoencoder (model.family "ae") and a latent run that trains its autoencoder first (data.latent=train:PRESET)
+    go to `unifuse.training.autoencoder`; every other run, latent ones included, is `train_diffusion`."""
+    if cfg.model.family == "ae" or cfg.data.latent.startswith("train:"):
+        from .autoencoder import train_autoencoder, train_latent
+
+        stage = train_autoencoder if cfg.model.family == "ae" else train_latent
+        return stage(cfg, out, resume=resume, progress=progress, log=log)
+    return train_diffusion(cfg, out, resume=resume, progress=progress, log=log)
+
+
+def train_diffusion(cfg, out: str, *, resume: str | None = None, progress: bool = True, log=print) -> dict:
+    """The diffusion training loop (`train` without the dispatch)."""
     # --- 1. the run: its folder, processes, device, threads -------------------------------------------
     run = Run(cfg, out, resume=resume, progress=progress, log=log)
     env, dev = run.env, run.device
     per_rank = micro_batch(cfg, env.world)
 
-    # --- 2. data, model, objective, optimizer, EMA ------------------------------------------------
+    # --- 2. data (a latent run: latents, checked against a resumed run's codec), model, objective, EMA ---
     data = build_data(cfg)
     info = data_info(data)
+    if resume is not None:
+        check_codec(resume, info)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     net = build_net(cfg, info).to(dev)
     objective = build_objective(cfg, data)
@@ -143,4 +158,4 @@ def describe(cfg, net, info: dict) -> dict:
                     "config": getattr(net, "config", None)}}
 
 
-__all__ = ["TrainingDiverged", "learning_rate", "set_learning_rate", "train", "weights_digest"]
+__all__ = ["TrainingDiverged", "learning_rate", "set_learning_rate", "train", "train_diffusion", "weights_digest"]

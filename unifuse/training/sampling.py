@@ -5,7 +5,8 @@
 classes, or a prompt), applies classifier-free guidance when asked, and calls `uf.sample` with the run's
 sampler settings (a `SampleConfig`, `cfg.sample`) or the caller's. It takes the built model, the sampler
 settings and what it needs to know of the data (the checkpoint's data info and the run's conditioning),
-never a whole training config.
+never a whole training config. A latent model's samples are decoded here, in one place: the data info names the
+codec (`info["latent"]`, loaded by `load_model`), and the caller gets images of the pixel shape.
 """
 from __future__ import annotations
 
@@ -98,19 +99,23 @@ def sampling_model(model, sample_cfg, cond, *, guidance=None, guidance_options=N
 def generate(model, sample_cfg, info: dict, n: int, *, conditioning: str, seed: int = 0, device="cpu",
              batch: int = 500, sampler=None, nfe=None, spacing=None, class_label=None, prompt=None, guidance=None,
              guidance_options=None, clip_denoised=None, threshold_percentile=None, progress: bool = False,
-             dtype=torch.float32, trajectory: bool = False):
+             dtype=torch.float32, trajectory: bool = False, codec=None, decode: bool = True):
     """(samples [n, *shape] in data units, labels [n] or None) from `model` with the sampler settings
     `sample_cfg` (a run's `cfg.sample`) unless overridden; conditioning is the run's data.cond.
     clip_denoised > 0 (default: sample_cfg.clip_denoised) clips the denoised estimate to that range after any
     guidance, dynamically at quantile threshold_percentile when that is > 0 (`unifuse.thresholding`).
     Sample i (its noise, its stochastic steps, its label or caption) depends only on (seed, i), whatever `batch`.
     dtype: the sampling precision (float32 or float64). trajectory=True adds a third result, the first batch's
-    `uf.sample` Trajectory (for a GIF)."""
+    `uf.sample` Trajectory (for a GIF). A latent run (info["latent"]): the samples (and the trajectory's first 64)
+    are decoded to images by `codec` (default: the one the data info names, `unifuse.latent.find_codec`) unless
+    decode=False, which returns the latents."""
     from tqdm.auto import tqdm
 
+    from ..latent import find_codec
     from ..samplers import Plan, generators, randn
     from ..sampling import sample
 
+    codec = (codec or find_codec(info)) if decode and info.get("latent") else None  # before any work
     if batch < 1:
         raise UnifuseError(f"--batch must be >= 1 (samples per sampler call), got {batch}; e.g. --batch 500")
     sampler = sampler or sample_cfg.sampler
@@ -136,7 +141,20 @@ def generate(model, sample_cfg, info: dict, n: int, *, conditioning: str, seed: 
             if kw["return_trajectory"]:
                 x, path = x
             out.append(x.float().cpu())
-    return (torch.cat(out), labels, path) if trajectory else (torch.cat(out), labels)
+        x = torch.cat(out)
+        if codec is not None:
+            x, path = decoded(codec, x, path)
+    return (x, labels, path) if trajectory else (x, labels)
 
 
-__all__ = ["condition_for", "generate", "sampling_model"]
+def decoded(codec, x: torch.Tensor, path=None):
+    """(images, trajectory) of latent samples x [n, c, h, w]: codec.decode, in fp32, on the CPU; the trajectory's
+    states and denoised estimates of its first 64 samples decoded too."""
+    images = codec.decode(x).float().cpu()
+    if path is not None:
+        path = path._replace(states=[codec.decode(s[:64]).float().cpu() for s in path.states],
+                             denoised=[codec.decode(d[:64]).float().cpu() for d in path.denoised])
+    return images, path
+
+
+__all__ = ["condition_for", "decoded", "generate", "sampling_model"]
