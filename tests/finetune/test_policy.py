@@ -65,7 +65,7 @@ def test_ratio_is_one_and_kl_zero_before_the_first_update(path, sampler):
     -mean_b A_b grad log p_theta(x_{i+1} | x_i) / D (d ratio = ratio d log p / D at ratio 1)."""
     dims = 2
     ctx, policy = context(path, dims=dims, batch=16, sampler=sampler, mean=0.5, std=0.8)
-    method = DPOK(kl=1.0)
+    method = DPOK(kl=1.0, kl_return=True)
     method.setup(ctx)
     batch = method.collect(ctx, torch.Generator().manual_seed(0))
     assert torch.equal(batch.kl, torch.zeros(16, dtype=F64))
@@ -136,7 +136,7 @@ def test_ddpo_climbs_and_dpok_lands_on_the_tilted_optimum(seed):
     first, last, mean, _ = _train(DDPO(), ctx, policy, 40, 5)
     assert first < -1.5 and last > -0.6 and mean > 1.5, (first, last, mean)
     ctx, policy = context("ddpm-linear", sampler="sde", seed=seed)
-    first_k, last_k, mean_k, std_k = _train(DPOK(kl=1.0), ctx, policy, 40, 15)
+    first_k, last_k, mean_k, std_k = _train(DPOK(kl=1.0, kl_return=True), ctx, policy, 40, 15)
     target_mean, target_std = tilted_gaussian(0.0, 1.0, CENTER, RHO, 1.0)
     assert abs(mean_k - float(target_mean)) < 0.2 and abs(std_k - float(target_std)) < 0.15, (mean_k, std_k)
     assert last_k > first_k + 1.0 and mean_k < mean - 0.5, (first_k, last_k, mean_k, mean)
