@@ -1,6 +1,5 @@
 """The distillation loop and command: a student run from any teacher run, its config and checkpoints, an exact
 resume, per-NFE weights and the student's NFE check, and one clear message for each kind of bad input."""
-import hashlib
 import os
 import subprocess
 import sys
@@ -9,16 +8,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from unifuse import config as C
 from unifuse import distill as D
 from unifuse.distill.base import Context, frozen_copy
 from unifuse.distill.loop import distill, distill_config, supported_nfe
 from unifuse.errors import UnifuseError
-from unifuse.training import load_model, train
+from unifuse.training import load_model
 from unifuse.training.checkpoint import find_checkpoint, read_meta
 
-TINY = ["model.net_options={width: 64, depth: 2, emb_dim: 32}", "data.batch=64", "train.log_every=1",
-        "train.ckpt_every=1000", "optim.warmup_steps=2"]
+from ..runs import digest
 
 
 @dataclass
@@ -60,17 +57,9 @@ def regress(monkeypatch):
     return Regress
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    run = str(tmp_path_factory.mktemp("teacher") / "run")
-    train(C.get_config("toy-moons", TINY + ["train.steps=20"]), run, progress=False)
-    return run
-
-
-def digest(run):
-    folder = find_checkpoint(run)
-    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest()
-            for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")}
+@pytest.fixture
+def teacher(toy_run):
+    return toy_run
 
 
 def test_student_config_carries_the_method_and_loads_on_its_path(teacher, regress, tmp_path):

@@ -1,7 +1,6 @@
 """The fine-tuning loop and command: a fine-tuned run from any base run, its config, checkpoints holding a plain
 network that `unifuse sample` reads, an exact resume, evaluations over time, and one clear message for each kind of
 bad input (a base that is not a run, an unknown method or reward, a NaN loss that stops with the last checkpoint)."""
-import hashlib
 import math
 import os
 import subprocess
@@ -16,12 +15,12 @@ from unifuse import finetune as F
 from unifuse.errors import UnifuseError
 from unifuse.finetune.loop import finetune, finetune_config
 from unifuse.finetune.trajectory import rollout
-from unifuse.training import load_model, train
+from unifuse.training import load_model
 from unifuse.training.checkpoint import find_checkpoint, read_meta
 from unifuse.training.run import TrainingDiverged, read_metrics
 
-TINY = ["model.net_options={width: 64, depth: 2, emb_dim: 32}", "data.batch=64", "train.log_every=1",
-        "train.ckpt_every=1000", "optim.warmup_steps=2"]
+from ..runs import digest
+
 FAST = ["finetune.batch=16", "finetune.steps=4", "finetune.eval_n=32", "finetune.eval_every=2", "train.sample_every=0"]
 
 
@@ -46,7 +45,6 @@ class Push:
         return {"loss": float(loss.detach()), "reward": float(reward.mean())}
 
 
-
 @pytest.fixture
 def push(monkeypatch):
     monkeypatch.setitem(F.METHODS, "push", ("loop", "Push"))
@@ -54,17 +52,9 @@ def push(monkeypatch):
     return Push
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    run = str(tmp_path_factory.mktemp("base") / "run")
-    train(C.get_config("toy-moons", TINY + ["train.steps=20"]), run, progress=False)
-    return run
-
-
-def digest(run):
-    folder = find_checkpoint(run)
-    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest()
-            for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")}
+@pytest.fixture
+def base(toy_run):
+    return toy_run
 
 
 def test_a_finetuned_run_is_a_plain_run_with_evaluations(base, push, tmp_path):

@@ -21,16 +21,8 @@ import torch
 
 from ..errors import UnifuseError
 from .base import Context, step_kl
+from .rewards import require_differentiable
 from .trajectory import rollout, transition
-
-
-def check_reward(reward, method: str) -> None:
-    """Refuse a reward that declares `differentiable = False`: these methods backpropagate through it."""
-    if getattr(reward, "differentiable", True) is False:
-        name = getattr(reward, "name", None) or type(reward).__name__
-        raise UnifuseError(f"fine-tuning method {method!r} backpropagates through the reward, but reward {name!r} "
-                           "is not differentiable; use a policy-gradient or preference method (ddpo, dpok, grpo, dpo) "
-                           "or a differentiable reward")
 
 
 def _check_count(value, what: str, minimum: int = 1, allow_none: bool = False) -> None:
@@ -43,13 +35,6 @@ def _check_count(value, what: str, minimum: int = 1, allow_none: bool = False) -
 def _check_weight(value, what: str) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
         raise UnifuseError(f"{what} must be a finite number >= 0, got {value!r}")
-
-
-def _rewards(ctx: Context, x0: torch.Tensor, cond: dict) -> torch.Tensor:
-    r = ctx.reward(x0, cond)
-    if r.shape != (x0.shape[0],):
-        raise UnifuseError(f"the reward must return one value per sample, shape [{x0.shape[0]}], got {tuple(r.shape)}")
-    return r
 
 
 @dataclass
@@ -68,7 +53,7 @@ class _Backprop:
     name = ""
 
     def setup(self, ctx: Context) -> None:
-        check_reward(ctx.reward, self.name)
+        require_differentiable(ctx.reward, self.name)
         _check_weight(self.kl, f"{self.name}.kl")
 
     def _rollout(self, ctx: Context, generator, grad_last):
@@ -83,7 +68,7 @@ class _Backprop:
     def _round(self, ctx: Context, generator, grad_last, extra=None) -> dict:
         """Roll out, score, update. extra(r, cond) -> rewards [M] of additional graded copies (DRaFT-LV)."""
         r, cond = self._rollout(ctx, generator, grad_last)
-        rewards = _rewards(ctx, r.x0, cond)
+        rewards = ctx.reward(r.x0, cond)
         graded = rewards if extra is None else torch.cat([rewards, extra(r, cond)])
         kl = r.kl.sum(0) if r.kl is not None else torch.zeros_like(rewards)
         loss = -graded.mean() + self.kl * kl.mean()
@@ -139,7 +124,7 @@ class DRaFTLV(_Backprop):
             eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
             x1 = ctx.policy.path.interpolate(x0, eps, t1)
             last = transition(ctx.policy, x1, ts[-2], ts[-1], cond=cond or None, sampler=ctx.sampler, eta=ctx.eta)
-            out.append(_rewards(ctx, last.mean, cond))
+            out.append(ctx.reward(last.mean, cond))
         return torch.cat(out) if out else r.x0.new_zeros(0)
 
 
@@ -199,7 +184,7 @@ class ReFL:
     name = "refl"
 
     def setup(self, ctx: Context) -> None:
-        check_reward(ctx.reward, self.name)
+        require_differentiable(ctx.reward, self.name)
         _check_count(self.late, "refl.late", allow_none=True)
         for what in ("grad_scale", "pretrain", "kl"):
             _check_weight(getattr(self, what), f"refl.{what}")
@@ -219,7 +204,7 @@ class ReFL:
 
     def step(self, ctx: Context, generator, step: int) -> dict:
         x0_hat, cond, ts, mid, x_mid = self.graded(ctx, generator)
-        rewards = _rewards(ctx, x0_hat, cond)
+        rewards = ctx.reward(x0_hat, cond)
         gap = -rewards if self.margin is None else torch.relu(self.margin - rewards)
         loss = self.grad_scale * gap.mean()
         out = {"reward": float(rewards.detach().mean()), "k": 1}
@@ -254,4 +239,4 @@ class ReFL:
         return x, cond
 
 
-__all__ = ["AlignProp", "DRaFT", "DRaFTLV", "ReFL", "check_reward"]
+__all__ = ["AlignProp", "DRaFT", "DRaFTLV", "ReFL"]

@@ -76,6 +76,12 @@ class Context(Holds):
     objective: object = None                        # the base's training objective (a DenoisingLoss: its errors)
     sample_cfg: object = None                       # the base's sampler settings (cfg.sample): `generate`
 
+    def __post_init__(self):
+        from .rewards import checked
+
+        self.reward = checked(self.reward)  # every method's rewards are shape- and NaN-checked in one place
+        self._grids = {}
+
     @property
     def params(self) -> list:
         return [p for p in self.policy_net.parameters() if p.requires_grad]
@@ -84,7 +90,10 @@ class Context(Holds):
         """The rollout grid: steps + 1 float64 times from the policy's noise end to the data end."""
         from .trajectory import rollout_grid
 
-        return rollout_grid(self.reference, steps or self.steps, self.sampler, self.spacing or None)
+        steps = steps or self.steps
+        if steps not in self._grids:  # fixed for the run: made once
+            self._grids[steps] = rollout_grid(self.reference, steps, self.sampler, self.spacing or None)
+        return self._grids[steps]
 
     def draw(self, n: int) -> tuple:
         """(initial noise, per-sample generators) of the next n rollouts: pass the generators to `rollout`, whose
@@ -114,14 +123,12 @@ class Context(Holds):
         {} for an unconditional one."""
         if self.conditioning == "none":
             return {}
+        if self.conditioning == "class":
+            labels = torch.randint(int(self.info["num_classes"]), (n,), generator=generator).to(self.device)
+            return {"class_labels": labels}
         from ..training.sampling import condition_for
 
-        cond, _ = condition_for(self.reference, self.info, self.conditioning, n, device=self.device)
-        if self.conditioning == "class":
-            k = int(self.info["num_classes"])
-            labels = torch.randint(k, (n,), generator=generator).to(self.device)
-            return {"class_labels": labels}
-        return cond
+        return condition_for(self.reference, self.info, self.conditioning, n, device=self.device)[0]
 
     def update(self, loss: torch.Tensor) -> float:
         """backward, gradient clipping, optimizer step; a NaN/inf loss or gradient skips the step and sets
@@ -149,19 +156,25 @@ def step_kl(policy: GaussianStep, reference: GaussianStep) -> torch.Tensor:
     return kl.reshape(kl.shape[0], -1).sum(1)
 
 
-def advantages(rewards: torch.Tensor, groups: torch.Tensor | None = None, clip: float = 5.0) -> torch.Tensor:
-    """(r - mean) / (std + 1e-8), per group (the samples sharing one condition: GRPO / DDPO per-prompt) when
-    every group has two or more samples, else over the batch; clipped to [-clip, clip]."""
+def group_stats(rewards: torch.Tensor, groups: torch.Tensor | None = None) -> tuple:
+    """([B] mean, [B] std + 1e-8) of each sample's group (the samples sharing one condition: GRPO / DDPO per-prompt)
+    when every group has two or more samples, else of the batch (float64; a batch of one: its value and 1)."""
     r = rewards.double()
-    out = (r - r.mean()) / (r.std() + 1e-8) if r.numel() > 1 else torch.zeros_like(r)
+    mean = torch.full_like(r, float(r.mean()))
+    scale = torch.full_like(r, float(r.std()) + 1e-8 if r.numel() > 1 else 1.0)
     if groups is not None:
-        keys, inverse, counts = torch.unique(groups.reshape(-1), return_inverse=True, return_counts=True)
+        _, inverse, counts = torch.unique(groups.reshape(-1), return_inverse=True, return_counts=True)
         if bool((counts >= 2).all()):
-            out = torch.empty_like(r)
-            for g in range(len(keys)):
+            for g in range(len(counts)):
                 m = inverse == g
-                out[m] = (r[m] - r[m].mean()) / (r[m].std() + 1e-8)
-    return out.clamp(-clip, clip).to(rewards.dtype)
+                mean[m], scale[m] = r[m].mean(), r[m].std() + 1e-8
+    return mean, scale
 
 
-__all__ = ["Context", "advantages", "step_kl"]
+def advantages(rewards: torch.Tensor, groups: torch.Tensor | None = None, clip: float = 5.0) -> torch.Tensor:
+    """(r - mean) / (std + 1e-8) of each sample's group (`group_stats`), clipped to [-clip, clip]."""
+    mean, scale = group_stats(rewards, groups)
+    return ((rewards.double() - mean) / scale).clamp(-clip, clip).to(rewards.dtype)
+
+
+__all__ = ["Context", "advantages", "group_stats", "step_kl"]

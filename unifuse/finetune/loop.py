@@ -64,8 +64,8 @@ def finetune_config(base: str, method: str | None = None, *, reward: str, overri
     """The fine-tuned run's config: the base's, with the finetune section and the overrides applied."""
     from .rewards import get_reward
 
-    _, bcfg = base_config(base)
-    rew = get_reward(reward, read_meta(find_checkpoint(base))["data"])  # an unknown or broken reward stops here
+    folder, bcfg = base_config(base)
+    rew = get_reward(reward, read_meta(folder)["data"])  # an unknown or broken reward stops here
     name, options = (method, {}) if method else recommended(rew)
     method_class(name)  # an unknown name stops here, naming the choices
     kind = "toy" if bcfg.data.name in TOYS else bcfg.data.name if bcfg.data.name in FINETUNE_PARTS else "digits"
@@ -137,15 +137,13 @@ class Counter:
 
 def build_context(cfg, run: Run, method) -> tuple:
     """(Context, exported plain network) for a run: the reference, the policy, the reward, the optimizer."""
-    from .rewards import get_reward, require_differentiable
+    from .rewards import get_reward
 
     env, dev, f = run.env, run.device, cfg.finetune
     reference = load_base(cfg, dev)
     data = build_data(cfg)
     info = data_info(data)
-    reward = get_reward(f.reward, info, device=dev)
-    if getattr(method, "differentiable", False):
-        require_differentiable(reward, f.method)
+    reward = get_reward(f.reward, info, device=dev)  # a backpropagation method refuses a black box in its setup
     net = trainable(cfg, reference)
     params = [p for p in net.parameters() if p.requires_grad]
     o = cfg.optim

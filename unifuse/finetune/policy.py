@@ -30,7 +30,7 @@ import torch
 
 from ..errors import UnifuseError, choose
 from ..paths import RectifiedFlow, TrigFlow
-from .base import Context, advantages, step_kl
+from .base import Context, advantages, group_stats, step_kl
 from .trajectory import ROLLOUT_SAMPLERS, rollout, transition
 
 
@@ -126,13 +126,11 @@ class DDPO:
         if r.log_probs.shape[0] == 0:
             raise UnifuseError(f"{self.name}: the rollout has no stochastic steps; use finetune.steps >= 2 and eta > 0")
         rewards = ctx.reward(r.x0, cond).detach()
-        if rewards.shape != (n,):
-            raise UnifuseError(f"the reward must return one value per sample, shape [{n}], got {tuple(rewards.shape)}")
         kl = r.kl.sum(0) if r.kl is not None else None
         returns = rewards - self.kl * kl if kl is not None and self.kl_return else rewards
         adv = advantages(returns, groups, clip=self.adv_clip)
         return Rollouts([s.detach() for s in r.states], r.times, r.log_probs, rewards, adv,
-                        _group_std(returns, groups), cond, kl)
+                        group_stats(returns, groups)[1], cond, kl)
 
     def _conditions(self, ctx: Context, n: int, generator) -> tuple:
         """(cond, groups): n // group conditions, each repeated group times (groups: the condition index), or the
@@ -199,19 +197,6 @@ class DDPO:
         r = ratio.detach()
         return loss, {"ratio": float(r.mean()), "clipped": float(((r - 1).abs() > self.clip).double().mean()),
                       "kl": float(kl.detach())}
-
-
-def _group_std(r: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
-    """[B] std_g + 1e-8 of each sample's group as `advantages` normalises (groups when each has >= 2 samples, else
-    the batch; 1 for a batch of one)."""
-    r = r.double()
-    out = torch.full_like(r, float(r.std()) + 1e-8 if r.numel() > 1 else 1.0)
-    if groups is not None:
-        _, inverse, counts = torch.unique(groups.reshape(-1), return_inverse=True, return_counts=True)
-        if bool((counts >= 2).all()):
-            for g in range(len(counts)):
-                out[inverse == g] = float(r[inverse == g].std()) + 1e-8
-    return out
 
 
 @dataclass

@@ -84,7 +84,7 @@ def checked(fn: Callable, name: str | None = None, differentiable: bool | None =
         return fn
     if differentiable is None:
         differentiable = bool(getattr(fn, "differentiable", True))
-    return Reward(name or getattr(fn, "__name__", "reward"), fn, differentiable)
+    return Reward(name or getattr(fn, "name", None) or getattr(fn, "__name__", "reward"), fn, differentiable)
 
 
 # --- pixel statistics ------------------------------------------------------------------------------------------

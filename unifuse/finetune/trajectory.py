@@ -25,6 +25,7 @@ from ..errors import UnifuseError, choose
 from ..parameterization.kinds import defined_at_zero_snr
 from ..samplers import NoiseSource
 from ..samplers.steps import GaussianStep, step_ddim
+from .base import step_kl
 
 F64 = torch.float64
 ROLLOUT_SAMPLERS = ("ddim", "sde")
@@ -90,7 +91,7 @@ def rollout(model, noise: torch.Tensor, times: torch.Tensor, *, cond=None, gener
                 log_probs.append(step.log_prob(x_next.detach()).detach())
                 if reference is not None:  # its weights are frozen; the graph through x carries -d mu_ref/dx dx/dtheta
                     ref = transition(reference, x, s, t, cond=cond, sampler=sampler, eta=eta)
-                    kls.append(_kl(step, ref))
+                    kls.append(step_kl(step, ref))
                 x = x_next
         states.append(x)
     lp = torch.stack(log_probs) if log_probs else noise.new_zeros(0, noise.shape[0])
@@ -102,14 +103,8 @@ def _step(model, x, s, t, cond, sampler, eta, use_checkpoint) -> GaussianStep:
     if not use_checkpoint:
         return transition(model, x, s, t, cond=cond, sampler=sampler, eta=eta)
     fn = lambda y: tuple(transition(model, y, s, t, cond=cond, sampler=sampler, eta=eta))
-    mean, std = _checkpoint(lambda y: fn(y), x, use_reentrant=False)
+    mean, std = _checkpoint(fn, x, use_reentrant=False)
     return GaussianStep(mean, std)
-
-
-def _kl(step: GaussianStep, ref: GaussianStep) -> torch.Tensor:
-    from .base import step_kl
-
-    return step_kl(step, ref)
 
 
 def log_probs(model, states: list, times: torch.Tensor, *, cond=None, sampler: str = "ddim", eta: float = 1.0,
