@@ -245,3 +245,87 @@ def test_a_latent_run_fine_tunes_on_rewards_of_its_decoded_images(latent_run, tm
                        progress=False)
     assert summary["step"] == 2 and summary["reward"] is not None and summary["fd"] > 0
     assert os.path.isfile(os.path.join(find_checkpoint(out), "autoencoder.safetensors"))
+
+
+# --- RGB folders: folder-latent-32 / -64 ----------------------------------------------------------------
+
+def write_blobs(folder, n: int = 48, width: int = 40, height: int = 36) -> None:
+    """n RGB PNGs (width x height, not square: the loader centre-crops and resizes): two soft Gaussian blobs of
+    random colour, place and size on a dark background."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:height, 0:width]
+    for i in range(n):
+        im = np.full((height, width, 3), 25.0)
+        for _ in range(2):
+            cx, cy, r = rng.uniform(8, width - 8), rng.uniform(8, height - 8), rng.uniform(3, 8)
+            blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))[..., None]
+            im += blob * rng.uniform(60, 230, size=3)
+        Image.fromarray(im.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:03d}.png"))
+
+
+FOLDER_TINY = ["--set", "data.latent_options.train.steps=4", "--set", "data.latent_options.model.net_options.channels=8",
+               "--set", "data.latent_options.data.batch=16", "--set", "data.batch=16", "--set", "data.heldout=8",
+               "--set", "model.net_options.width=32", "--set", "model.net_options.depth=1", "--set", "sample.grid=4",
+               "--set", "sample.nfe=2", "--set", "train.device=cpu", "--no-progress"]
+
+
+def test_folder_latent_32_trains_samples_and_evaluates_an_rgb_folder(tmp_path, monkeypatch, capsys):
+    """`unifuse train folder-latent-32 --set data.name=folder:DIR`: the loader's 32x32 RGB crops, an 8x8x4 latent
+    whose shift and scale are the per-channel mean and std of the raw latents of all 40 training images, decoded
+    32x32x3 samples, and eval's folder metrics with the autoencoder's reconstruction PSNR = 10 log10(4 / mse)."""
+    from unifuse.training.build import build_data
+    from unifuse.training.checkpoint import load_codec
+
+    monkeypatch.setenv("UNIFUSE_CACHE", str(tmp_path / "cache"))
+    write_blobs(tmp_path / "blobs")
+    run = str(tmp_path / "run")
+    code, _, err = cli(["train", "folder-latent-32", "--out", run, "--steps", "2", "--set",
+                        f"data.name=folder:{tmp_path / 'blobs'}"] + FOLDER_TINY, capsys)
+    assert code == 0, err
+    meta = read_meta(find_checkpoint(run))
+    assert meta["data"]["shape"] == [4, 8, 8] and meta["data"]["latent"]["shape"] == [3, 32, 32]
+    ae_cfg = get_config(os.path.join(run, "autoencoder", "config.yaml"))
+    assert (ae_cfg.name, ae_cfg.model.net, ae_cfg.data.size, ae_cfg.data.heldout) == ("folder-ae-32", "ae-rgb32", 32, 8)
+    pixels = build_data(ae_cfg).images
+    assert pixels.shape == (40, 3, 32, 32)
+    carried, fitted = load_codec(run)  # the codec the checkpoint carries, against the autoencoder run's own weights
+    raw = load_codec(os.path.join(run, "autoencoder"))[0].raw_encode(pixels).double()
+    assert fitted and carried.digest() == meta["data"]["latent"]["digest"]
+    torch.testing.assert_close(carried.shift.double(), raw.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(carried.scale.double(), raw.std((0, 2, 3), correction=0), atol=1e-5, rtol=1e-4)
+    code, _, err = cli(["sample", "--ckpt", run, "--out", str(tmp_path / "s"), "--n", "4", "--nfe", "2"], capsys)
+    assert code == 0, err
+    assert np.load(tmp_path / "s" / "samples.npz")["images"].shape == (4, 32, 32, 3)
+    code, out, err = cli(["eval", "--ckpt", run, "--n", "8", "--nfe", "2", "--out", str(tmp_path / "e.json")], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    ae = report["autoencoder"]
+    assert report["fd"] >= 0 and "fd_floor" in report and "fd_floor" in ae
+    assert ae["psnr"] == pytest.approx(10 * np.log10(4 / ae["mse"]))
+
+
+@pytest.mark.parametrize("preset, extra", [("folder-latent-32", []), ("folder-latent-64", []), ("folder-ae-64", []),
+                                           ("folder-latent-32", ["--set", "data.latent=runs/ae32"])])  # a reused AE
+def test_a_folder_preset_without_a_folder_names_the_setting_in_one_message(preset, extra, tmp_path, capsys):
+    code, _, err = cli(["train", preset, "--out", str(tmp_path / "run"), "--steps", "1", "--no-progress", *extra],
+                       capsys)
+    assert code != 0 and "--set data.name=folder:DIR" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "run" / "ckpt")
+
+
+def test_folder_latent_64_stages_an_f4_autoencoder_at_64_pixels():
+    """folder-latent-64 trains folder-ae-64 (ae-rgb64: 64x64x3 -> 16x16x4) on the run's folder, size and split."""
+    from unifuse.training.autoencoder import stage_config
+
+    cfg = get_config("folder-latent-64", ["data.name=folder:/data/faces", "data.heldout=20", "train.minutes=10"])
+    assert (cfg.data.size, cfg.data.latent, cfg.model.sigma_data, cfg.sample.clip_denoised) == \
+           (64, "train:folder-ae-64", 1.0, 0.0)
+    stage = stage_config(cfg)
+    assert (stage.model.net, stage.data.name, stage.data.size, stage.data.heldout) == \
+           ("ae-rgb64", "folder:/data/faces", 64, 20)
+    assert stage.train.minutes == pytest.approx(0.3 * 10)
+    ae = build_net(stage.model.net, channels=4)
+    assert tuple(ae.encode(torch.zeros(1, 3, 64, 64))[0].shape) == (1, 4, 16, 16)

@@ -4,7 +4,7 @@
     model = uf.DiffusionModel(net, uf.paths.get("vp-linear"), "eps")     # or: model, cfg = uf.load("runs/d")
     x = uf.sample(model, torch.randn(16, 1, 8, 8), sampler="dpmpp_2m", nfe=10)
 """
-from . import data, guidance, metrics, nets, objectives, parameterization, paths, samplers, thresholding
+from . import data, guidance, interop, metrics, nets, objectives, parameterization, paths, samplers, thresholding
 from .errors import UnifuseError
 from .likelihood import bits_per_dim, log_likelihood
 from .model import DiffusionModel
@@ -24,4 +24,4 @@ def load(run, ema=True, device="cpu"):
 
 
 __all__ = ["paths", "parameterization", "samplers", "guidance", "thresholding", "objectives", "nets", "data", "metrics",
-           "DiffusionModel", "sample", "load", "log_likelihood", "bits_per_dim", "UnifuseError", "__version__"]
+           "interop", "DiffusionModel", "sample", "load", "log_likelihood", "bits_per_dim", "UnifuseError", "__version__"]

@@ -32,6 +32,7 @@ from .config_sections import (  # the sections, re-exported (unifuse.config.Data
 from .errors import UnifuseError, choose
 from .io import write_text
 from .parameterization import defined_at_zero_snr
+from .presets_latent import AE_FAMILY, AE_OBJECTIVE, latent_presets
 
 FAMILIES = ("ddpm", "iddpm", "vpsde", "vesde", "edm", "rf", "trigflow", "ct", "sct", "meanflow", "shortcut")
 OBJECTIVES = ("ddpm", "hybrid", "dsm", "edm", "flow", "trigflow", "ct", "sct", "meanflow", "shortcut")
@@ -80,8 +81,6 @@ DATASET_PARTS = {
 }
 DEFAULT_FAMILY = {"digits": "edm", "mnist": "edm", "toy": "edm"}
 CT_STAGE_FRACTION = 8          # ECT: the consistency gap halves 8 times over the preset's steps
-AE_FAMILY, AE_OBJECTIVE = "ae", "autoencoder"   # an autoencoder run (latent diffusion's first stage)
-LATENT_AE_SHARE = 0.3          # data.latent=train:PRESET: the autoencoder stage's share of train.minutes
 
 
 def family_config(family: str, dataset: str = "digits", *, cond: str = "none", name: str | None = None) -> Config:
@@ -161,38 +160,8 @@ def _presets() -> dict:
         out[f"{ds}-text"] = family_config(DEFAULT_FAMILY[ds], ds, cond="text", name=f"{ds}-text")
     for toy in TOYS:
         out[f"toy-{toy}"] = family_config(DEFAULT_FAMILY["toy"], toy, name=f"toy-{toy}")
-    out.update(latent_presets(out["mnist"], out["mnist-cond"], out["mnist-text"]))
+    out.update({k: validate(v) for k, v in latent_presets(out["mnist"], out["mnist-cond"], out["mnist-text"]).items()})
     return out
-
-
-def latent_presets(mnist: Config, mnist_cond: Config, mnist_text: Config) -> dict:
-    """mnist-ae (the LDM KL-autoencoder, f=4: 28x28 -> 7x7x4, KL weight 1e-6), mnist-ae-plain (deterministic, no KL),
-    and mnist-latent / -cond / -text: the mnist models on those latents, training mnist-ae first in
-    LATENT_AE_SHARE of the budget, with the digits recipe (an MLP on the flattened 196 numbers, batch 512, beta2
-    0.99, lr decay after 150 steps; sigma_data 1 for unit-variance latents and EDM's noise levels shifted by ln 2 to
-    match). At 5 CPU-minutes it reached 15x the floor where a DiT with 1x1 patches reached 108x (docs/latent.md).
-    digits has no autoencoder preset: 8x8 at f=2 gives 4x4x4, as many numbers as the pixels."""
-    ae = Config(name="mnist-ae", description="KL autoencoder (LDM recipe, f=4: 28x28 -> 7x7x4) on mnist",
-                data=DataConfig(name="mnist", batch=64), model=ModelConfig(family=AE_FAMILY, net="ae-mnist"),
-                objective=ObjectiveConfig(name=AE_OBJECTIVE, options={"kl": 1e-6, "l1": 1.0}),
-                optim=OptimConfig(lr=1e-3, warmup_steps=50, ema_halflife=2000.0),
-                train=TrainConfig(steps=2000, ckpt_every=500, log_every=25, sample_every=0), sample=SampleConfig(grid=32))
-    plain = replace(ae, name="mnist-ae-plain", description="plain (deterministic) autoencoder, f=4, on mnist",
-                    model=replace(ae.model, net="ae-mnist-plain"), objective=replace(ae.objective, options={"kl": 0.0}))
-
-    def latent(base: Config, name: str) -> Config:
-        cond = "" if base.data.cond == "none" else f", {base.data.cond}-conditional"
-        return replace(base, name=name, description=f"{base.model.family} on the 7x7x4 latents of mnist-ae (trained "
-                                                    f"first){cond}",
-                       data=replace(base.data, latent="train:mnist-ae", batch=512),
-                       model=replace(base.model, net="mlp-toy", net_options={"width": 1024}, sigma_data=1.0),
-                       objective=replace(base.objective, options={"mean": -0.5, "std": 1.2}),
-                       optim=replace(base.optim, lr=2e-3, betas=(0.9, 0.99), warmup_steps=100, decay_after=150),
-                       sample=replace(base.sample, clip_denoised=0.0))
-    return {"mnist-ae": validate(ae), "mnist-ae-plain": validate(plain),
-            "mnist-latent": validate(latent(mnist, "mnist-latent")),
-            "mnist-latent-cond": validate(latent(mnist_cond, "mnist-latent-cond")),
-            "mnist-latent-text": validate(latent(mnist_text, "mnist-latent-text"))}
 
 
 # --- validation -------------------------------------------------------------------------------

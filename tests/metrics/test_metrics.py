@@ -128,6 +128,8 @@ def test_evaluate_images_separates_real_from_corrupted():
     # Recognised digits: nearly all real ones, in every class; the collapsed set gives at most one class.
     assert real["recognised"] > 0.9 and min(real["recognised_hist"]) >= 20 and sum(real["recognised_hist"]) <= len(held)
     assert sum(c > 0 for c in collapsed["recognised_hist"]) <= 1
+    per_class = [r / h for r, h in zip(real["recognised_hist"], real["class_hist"])]
+    assert real["recognised_per_class"] == pytest.approx(per_class) and min(per_class) > 0.8
     with pytest.raises(UnifuseError, match="real_floor n"):
         real_floor("digits", 10_000)
 

@@ -12,7 +12,8 @@ F64 = torch.float64
 
 @pytest.mark.parametrize("name, shape, latent", [("ae-mnist", (1, 28, 28), (4, 7, 7)),
                                                  ("ae-mnist-plain", (1, 28, 28), (4, 7, 7)),
-                                                 ("ae-rgb32", (3, 32, 32), (4, 8, 8))])
+                                                 ("ae-rgb32", (3, 32, 32), (4, 8, 8)),
+                                                 ("ae-rgb64", (3, 64, 64), (4, 16, 16))])
 def test_latent_shapes_follow_the_downsampling_factor_4(name, shape, latent):
     ae = build_net(name, channels=8).eval()
     x = torch.rand(2, *shape) * 2 - 1

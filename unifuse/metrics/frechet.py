@@ -104,7 +104,8 @@ def evaluate_images(samples, dataset_name: str, n_ref: int | None = None, labels
                     classifier: FeatureNet | None = None, k: int = 3) -> dict:
     """fd, precision, recall (k-NN, k=3) against n_ref train images (all by default), the predicted-class
     histogram and fractions, mean classifier confidence, the samples the classifier recognises (probability >=
-    RECOGNISED for one class; `recognised_hist` counts them per class), and (given the requested labels) the
+    RECOGNISED for one class; `recognised_hist` counts them per class, `recognised_per_class` is, for each class,
+    the share of the samples predicted as that class that are recognised), and (given the requested labels) the
     label accuracy."""
     if dataset_name not in CLASSIFIER_SETS:
         raise UnifuseError(f"image metrics exist for {', '.join(CLASSIFIER_SETS)}, not {dataset_name!r}")
@@ -130,6 +131,7 @@ def evaluate_images(samples, dataset_name: str, n_ref: int | None = None, labels
     sure = probs.max(1).values >= RECOGNISED
     out.update(recognised=float(sure.double().mean()),
                recognised_hist=torch.bincount(pred[sure], minlength=ref.num_classes).tolist())
+    out["recognised_per_class"] = [r / h if h else 0.0 for r, h in zip(out["recognised_hist"], out["class_hist"])]
     if labels is not None:
         labels = torch.as_tensor(labels).long().reshape(-1)
         if labels.shape[0] != x.shape[0]:

@@ -46,7 +46,8 @@ for _name in list(NET_PRESETS):  # conditional variants: "<preset>-cond" (10 cla
     NET_PRESETS[_name + "-cond"] = (_family, dict(_kw, num_classes=2 if _name == "mlp-toy" else 10))
     NET_PRESETS[_name + "-text"] = (_family, dict(_kw, text_dim=TEXT_DIM))
 del _name, _family, _kw
-# autoencoders (downsampling factor 4: 28x28x1 -> 7x7x4, 32x32x3 -> 8x8x4); "-plain": deterministic, no KL term
+# autoencoders (downsampling factor 4: 28x28x1 -> 7x7x4, 32x32x3 -> 8x8x4, 64x64x3 -> 16x16x4); "-plain": deterministic,
+# no KL term
 AE_PRESETS = {
     "ae-mnist":       ("ae", dict(in_channels=1, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1,
                                   latent_channels=4, variational=True)),
@@ -54,6 +55,8 @@ AE_PRESETS = {
                                   latent_channels=4, variational=False)),
     "ae-rgb32":       ("ae", dict(in_channels=3, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                                   latent_channels=4, variational=True)),
+    "ae-rgb64":       ("ae", dict(in_channels=3, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                                  latent_channels=4, variational=True)),   # 64x64x3 -> 16x16x4 (docs/latent.md)
 }
 
 

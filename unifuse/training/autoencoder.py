@@ -30,7 +30,7 @@ from .run import Run, latest_checkpoint, read_metrics
 
 def build_autoencoder(cfg, info: dict) -> torch.nn.Module:
     """The configured autoencoder (a nets preset, e.g. ae-mnist), with the data's channels."""
-    from ..nets import build_net
+    from ..nets import AE_PRESETS, build_net
 
     if len(info["shape"]) != 3:
         raise UnifuseError(f"an autoencoder needs image data [C, H, W], but {info['name']!r} has shape {info['shape']}")
@@ -38,7 +38,7 @@ def build_autoencoder(cfg, info: dict) -> torch.nn.Module:
     options.setdefault("in_channels", int(info["shape"][0]))
     ae = build_net(cfg.model.net, **options)
     if getattr(ae, "family", None) != "ae":
-        raise UnifuseError(f"model.net={cfg.model.net!r} is not an autoencoder; use ae-mnist, ae-mnist-plain or ae-rgb32")
+        raise UnifuseError(f"model.net={cfg.model.net!r} is not an autoencoder; use one of {', '.join(AE_PRESETS)}")
     side = int(info["shape"][-1]) - 2 * int(info.get("pad", 0))
     if side % ae.factor:
         raise UnifuseError(f"images of {side} pixels do not divide by the autoencoder's downsampling factor {ae.factor}; "
@@ -54,6 +54,15 @@ def build_loss(cfg, info: dict):
     if options.get("perceptual", 0) > 0:
         options.setdefault("features", info["name"])
     return AutoencoderLoss(pad=int(info.get("pad", 0)), **options)
+
+
+def require_folder(cfg) -> None:
+    """The folder presets (folder-ae-*, folder-latent-*) train on the user's images: refuse to start without them."""
+    from ..presets_latent import FOLDER_UNSET
+
+    if cfg.data.name == FOLDER_UNSET:
+        raise UnifuseError(f"{cfg.name} trains on your own images, but no folder was given; add --set "
+                           "data.name=folder:DIR (DIR: a directory of images, searched recursively)")
 
 
 def crop(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -78,6 +87,7 @@ def train_autoencoder(cfg, out: str, *, resume: str | None = None, progress: boo
     from .loop import describe, micro_batch, set_learning_rate
 
     # --- 1. the run, data, network, loss, optimizer, EMA ------------------------------------------
+    require_folder(cfg)
     run = Run(cfg, out, resume=resume, progress=progress, log=log)
     env, dev, o = run.env, run.device, cfg.optim
     data = build_data(cfg)
@@ -134,8 +144,9 @@ def train_autoencoder(cfg, out: str, *, resume: str | None = None, progress: boo
 def stage_config(cfg):
     """The autoencoder stage of a data.latent=train:PRESET run: PRESET on the run's images (data name and folder
     keys), seed, device, clock and threads, with LATENT_AE_SHARE of train.minutes, then data.latent_options."""
-    from ..config import AE_FAMILY, LATENT_AE_SHARE, PRESETS, from_dict, to_dict
+    from ..config import PRESETS, from_dict, to_dict
     from ..errors import choose
+    from ..presets_latent import AE_FAMILY, LATENT_AE_SHARE
 
     preset = choose("autoencoder preset (data.latent=train:PRESET)", cfg.data.latent.removeprefix("train:"), PRESETS)
     base = PRESETS[preset]
@@ -166,26 +177,40 @@ def finished(run_dir: str) -> bool:
 def train_latent(cfg, out: str, *, resume: str | None = None, progress: bool = True, log=print) -> dict:
     """data.latent=train:PRESET: the autoencoder trains into OUT/autoencoder (reused when it already ended, resumed
     when it was interrupted), then the diffusion model trains on its latents in what is left of train.minutes: the
-    autoencoder stage's time, its set-up included, counts, on the run's clock. The diffusion run's stored config
-    names OUT/autoencoder in data.latent and its own remaining minutes."""
+    autoencoder stage's time, its set-up included, counts, on the run's clock (rank 0's, under torchrun). The
+    diffusion run's stored config names OUT/autoencoder in data.latent and its own remaining minutes. Under
+    torchrun both stages share one process group, joined here and left at the end."""
+    require_folder(cfg)
+    env = distributed.setup(cfg.train.device)
+    try:
+        return _two_stages(cfg, out, env, resume=resume, progress=progress, log=log)
+    finally:
+        distributed.teardown(env)
+
+
+def _two_stages(cfg, out: str, env, *, resume, progress, log) -> dict:
+    """train_latent's stages, in the process group of `env`."""
     from .loop import train
 
     ae_dir = os.path.join(out, "autoencoder")
     clock = time.process_time if cfg.train.clock == "process" else time.time
     start = clock()
-    if not finished(ae_dir):
-        log(f"training the autoencoder ({cfg.data.latent.removeprefix('train:')}) into {ae_dir}")
-        summary = train_autoencoder(stage_config(cfg), ae_dir, resume=ae_dir if latest_checkpoint(ae_dir) else None,
-                                    progress=progress, log=log)
+    # rank 0 reads the folder and decides for every rank (rank 0 may already be writing when another one reads)
+    todo, ae_resume = distributed.broadcast_object(env, (not finished(ae_dir), latest_checkpoint(ae_dir) and ae_dir))
+    if todo:
+        if env.main:
+            log(f"training the autoencoder ({cfg.data.latent.removeprefix('train:')}) into {ae_dir}")
+        summary = train_autoencoder(stage_config(cfg), ae_dir, resume=ae_resume, progress=progress, log=log)
         if summary["stopped_by"] == "interrupted":
             return summary
-    used = (clock() - start) / 60.0
+    used = distributed.broadcast_object(env, (clock() - start) / 60.0)  # rank 0's clock, as the loop's budget
     minutes = max(cfg.train.minutes - used, 0.05) if cfg.train.minutes > 0 else 0.0
-    log(f"training {cfg.name} on the latents of {ae_dir}" + (f" for {minutes:.2f} more minutes" if minutes else ""))
+    if env.main:
+        log(f"training {cfg.name} on the latents of {ae_dir}" + (f" for {minutes:.2f} more minutes" if minutes else ""))
     cfg = replace(cfg, data=replace(cfg.data, latent=ae_dir, latent_options={}),
                   train=replace(cfg.train, minutes=round(minutes, 4)))
     return train(cfg, out, resume=resume, progress=progress, log=log)
 
 
-__all__ = ["build_autoencoder", "build_loss", "crop", "finished", "reconstruction_grid", "stage_config",
-           "train_autoencoder", "train_latent"]
+__all__ = ["build_autoencoder", "build_loss", "crop", "finished", "reconstruction_grid", "require_folder",
+           "stage_config", "train_autoencoder", "train_latent"]

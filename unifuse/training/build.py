@@ -174,6 +174,8 @@ def build_path(cfg):
     options = dict(cfg.model.path_options)
     if cfg.model.path == "trigflow":
         options.setdefault("sigma_d", cfg.model.sigma_data)
+    if cfg.model.path == "ddpm" and "betas" in options:  # a table given in full (a diffusers model: unifuse.interop)
+        return paths.DDPM(**options)
     return paths.get(cfg.model.path, **options)
 
 
@@ -191,8 +193,9 @@ def build_model(cfg, net) -> DiffusionModel:
     meaning)."""
     path = build_path(cfg)
     time_input = path.c_noise if cfg.model.time_input == "c_noise" else None
+    scale_input = getattr(getattr(net, "module", net), "scale_input", True)  # False: a net taking raw x_t (diffusers)
     model = DiffusionModel(net, path, cfg.model.prediction, sigma_data=cfg.model.sigma_data, time_input=time_input,
-                           scale_input=True, learned_variance=cfg.model.learned_variance)
+                           scale_input=scale_input, learned_variance=cfg.model.learned_variance)
     return model.on(student_path(cfg)) if cfg.distill.student_path else model
 
 

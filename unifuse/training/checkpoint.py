@@ -32,6 +32,13 @@ from ..io import atomic_folder, remove_temporaries, write_json
 FORMAT = "unifuse-checkpoint"
 
 
+def _diffusers(path) -> bool:
+    """A diffusers pipeline folder (or unet/ + scheduler/ pair) rather than a unifuse run (`unifuse.interop`)."""
+    from ..interop import is_diffusers_folder
+
+    return not os.path.isfile(os.path.join(path, "checkpoint.json")) and is_diffusers_folder(path)
+
+
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -102,7 +109,7 @@ def save_checkpoint(run_dir: str, step: int, *, meta: dict, keep: int = 2, **fil
 def find_checkpoint(path: str) -> str:
     """The checkpoint folder for a run folder, its ckpt/ folder, or a step folder."""
     path = os.fspath(path)
-    if os.path.isfile(os.path.join(path, "checkpoint.json")):
+    if os.path.isfile(os.path.join(path, "checkpoint.json")) or _diffusers(path):
         return path
     root = os.path.join(path, "ckpt") if os.path.isdir(os.path.join(path, "ckpt")) else path
     latest = os.path.join(root, "latest.json")
@@ -125,6 +132,10 @@ def find_checkpoint(path: str) -> str:
 
 def read_meta(folder: str) -> dict:
     """The sidecar of a checkpoint folder, checked."""
+    if _diffusers(folder):  # a diffusers folder read as a run (unifuse.interop)
+        from ..interop import run_meta
+
+        return run_meta(folder)
     path = os.path.join(folder, "checkpoint.json")
     try:
         with open(path) as fh:
@@ -192,6 +203,10 @@ def load_model(run_dir: str, ema=True, device="cpu", nfe: int | None = None):
     from .ema import posthoc_ema
 
     folder = find_checkpoint(run_dir)
+    if _diffusers(folder):
+        from ..interop import load_run
+
+        return load_run(folder, device=device)
     meta = read_meta(folder)
     try:
         cfg = from_dict(meta["config"])
@@ -264,6 +279,10 @@ def rebuild_net(meta: dict, cfg, build_net):
     from .build import fit_to_data
 
     net_meta = meta.get("net") or {}
+    if net_meta.get("family") == "diffusers":  # a student or fine-tuned copy of a diffusers U-Net
+        from ..interop import net_from_config
+
+        return net_from_config(net_meta.get("config"))
     if net_meta.get("family") in NETS and isinstance(net_meta.get("config"), dict):
         return fit_to_data(NETS[net_meta["family"]](**net_meta["config"]), meta["data"])
     return build_net(cfg, meta["data"])

@@ -27,6 +27,7 @@ class Env:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str = ""
+    owns_group: bool = False    # this setup() joined the process group, so its teardown() leaves it
 
     @property
     def main(self) -> bool:
@@ -82,13 +83,17 @@ def setup(device: str = "auto") -> Env:
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend=backend)
-    return Env(rank, world, local_rank, dev, backend)
+    return Env(rank, world, local_rank, dev, backend, owns)
 
 
 def teardown(env: Env) -> None:
-    if env.distributed and dist.is_initialized():
+    """Leave the process group, if `env`'s setup joined it. A caller that runs several stages in one launch (a latent
+    run: the autoencoder, then the diffusion model) calls setup first and teardown last, so the stages share one
+    group: a second init_process_group in a torchrun process reads the first group's stale rendezvous keys and hangs."""
+    if env.distributed and env.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -55,6 +55,9 @@ def train(cfg, out: str, *, resume: str | None = None, progress: bool = True, lo
     Returns a summary dict: step, images, loss (last logged), seconds, checkpoint folder, stop reason.
     An autoencoder (model.family "ae") and a latent run that trains its autoencoder first (data.latent=train:PRESET)
     go to `unifuse.training.autoencoder`; every other run, latent ones included, is `train_diffusion`."""
+    from .autoencoder import require_folder
+
+    require_folder(cfg)  # a folder preset (folder-latent-32, ...) without --set data.name=folder:DIR
     if cfg.model.family == "ae" or cfg.data.latent.startswith("train:"):
         from .autoencoder import train_autoencoder, train_latent
 
@@ -121,8 +124,9 @@ def train_diffusion(cfg, out: str, *, resume: str | None = None, progress: bool 
                     (loss / o.accumulate).backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip if o.grad_clip > 0 else math.inf)
-            finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
-            loss = run.agree(step, float(loss_sum) / o.accumulate, finite, lr)  # raises TrainingDiverged
+            loss_value, norm_value = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()  # one host sync a step
+            finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+            loss = run.agree(step, loss_value / o.accumulate, finite, lr)  # raises TrainingDiverged
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -132,7 +136,7 @@ def train_diffusion(cfg, out: str, *, resume: str | None = None, progress: bool 
                 phema.update(net, step)
                 if step % o.posthoc_every == 0 and env.main:
                     phema.snapshot(run.path("ema"), step)
-            if run.end_step(step, images, loss, lr=lr, grad_norm=round(float(grad_norm), 4)):
+            if run.end_step(step, images, loss, lr=lr, grad_norm=round(norm_value, 4)):
                 break
 
     # --- 6. the end: post-hoc EMA snapshot, checkpoint, final grid, loss curve ----------------------
