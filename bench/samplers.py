@@ -1,19 +1,26 @@
-"""Samplers against diffusers' schedulers on exact Gaussian-mixture problems, and sampling overhead.
+"""Samplers against diffusers' and k-diffusion's on exact problems, grids fitted by optimize_grid, sampling overhead.
 
-    python bench/samplers.py            # full run (several minutes on 2 cores), writes docs/benchmarks/samplers.md
-    python bench/samplers.py --quick    # NFE 5 and 10 only, fewer configurations
+    python bench/samplers.py --skip-timing --fresh --nfe 3,5,8,10   # accuracy at the issue's NFEs (about 15 min)
+    python bench/samplers.py --skip-timing --nfe 3 --problems 64d,heavy --limit-problems 64d,heavy   # more limits
+    python bench/samplers.py --digits RUN    # FD of a trained digits run at NFE 5 and 10 (samplers-digits.md)
     python bench/samplers.py --overhead --reps 25   # only the overhead part (about a minute)
 
-Problems: a 2-D ring of 8 Gaussians (std 0.1, radius 1) and a 64-D mixture of 10 Gaussians (random means with
-std 0.5, per-dimension stds in [0.1, 0.4]). The network is the exact eps-prediction oracle on the DDPM-linear path
-(1000 steps, beta 1e-4..0.02), so every diffusers scheduler for DDPM-linear eps models applies unchanged; both
-libraries get the same noise x_999. Error = RMS distance of the samples to the exact PF-ODE solution from the same
-noise (adaptive Dormand-Prince, rtol = atol = 1e-9). For each library and NFE the best configuration is chosen on
-one noise set (validation) and its error is reported on another (test), so the selection does not fit the test
-noise. Distribution distance: sliced 2-Wasserstein (256 directions) to fresh data samples. Timing: a network that
-costs nothing (x * 0), 25 steps, interleaved repetitions in a new random order each round, minimum and median
-over the rounds; the hand-written DDIM loop comes in two forms (indexing the alpha-bar table as tensors per step,
-and reading it once as Python floats, the tighter reference).
+k-diffusion 0.1.1 needs torchvision, which does not install beside every torch; run this script from an environment
+that has it (`python3 -m venv kd && kd/bin/pip install torch torchvision k-diffusion diffusers scipy scikit-image
+jsonmerge dctorch clean-fid clip-anytorch ftfy "setuptools<81" && kd/bin/pip install --no-deps -e .`, numpy >= 2 kept)
+or without it (the peer is then skipped with a note; `--no-kdiffusion`).
+Problems: a 2-D ring of 8 Gaussians (std 0.1, radius 1), a 64-D mixture of 10 Gaussians (random means with std 0.5,
+per-dimension stds in [0.1, 0.4]) and a 16-D heavy-tailed, nearly low-rank scale mixture (`sampler_peers`). The
+network is the exact eps-prediction oracle on the DDPM-linear path (1000 steps, beta 1e-4..0.02), so every diffusers
+scheduler for DDPM-linear eps models applies unchanged, and k-diffusion gets it as an exact denoiser; all libraries
+get the same noise x_999. Error = RMS distance of the samples to the exact PF-ODE solution from the same noise
+(adaptive Dormand-Prince, rtol = atol = 1e-9). For each library and NFE the best configuration is chosen on one
+noise set (validation) and its error is reported on another (test), so the selection does not fit the test noise;
+optimize_grid is fitted on validation noise too, and the physical limit (the best grid found for the test noise
+itself) bounds what any grid can do. Distribution distance: sliced 2-Wasserstein (256 directions) to fresh data
+samples. Timing: a network that costs nothing (x * 0), 25 steps, interleaved repetitions in a new random order each
+round, minimum and median over the rounds; the hand-written DDIM loop comes in two forms (indexing the alpha-bar
+table as tensors per step, and reading it once as Python floats, the tighter reference).
 """
 from __future__ import annotations
 
@@ -23,9 +30,7 @@ import json
 import math
 import os
 import platform
-import random
 import shlex
-import statistics
 import sys
 import time
 import warnings
@@ -37,9 +42,17 @@ import unifuse as uf
 from unifuse.paths import DDPM
 from unifuse.testing import GaussianMixture
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sampler_peers as P
+from sampler_overhead import timing
+from sampler_peers import intro_lines, kd_version, problem_lines, target_lines
+
 F64 = torch.float64
 PATH = DDPM.linear()
-NFES = [1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 25, 35, 50]
+NFES = [2, 3, 4, 5, 6, 8, 10, 15, 20, 25, 35, 50]
+FIT_MAX_NFE = 25  # optimize_grid rows up to here
+LIMIT_NFES = (3, 5, 8, 10)  # the physical limit (2-D problem) at these NFEs
+LIMIT_SAMPLERS = ("euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm")
 OURS = ["ddim", "euler", "heun", "dpm_solver_3", "dpmpp_2s", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"]
 GRIDS = [dict(spacing=sp, sigma_max=hi, sigma_min=lo) for sp, hi, lo in
          itertools.product(["logsnr", "karras"], [None, 20.0, 5.0, 2.0], [None, 0.03, 0.1])]
@@ -164,7 +177,29 @@ def rmse(x, ref):
     return float(((x.to(F64) - ref) ** 2).mean().sqrt()) if x is not None else math.inf
 
 
-def accuracy(problem: str, gm: GaussianMixture, n: int, nfes, quick: bool):
+def convention_check(K, gm: GaussianMixture, noise, ref):
+    """k-diffusion's conventions against ours: (a) on the DDPM-linear oracle at NFE 200 both reach the same floor
+    on the same exponential grid (its last step returns the denoised estimate at sigma 0.01, as ours does); (b) on
+    the EDM path (sigma down to 0.002) its Heun and DPM++2M errors fall to ~1e-4 and below."""
+    out = {}
+    model = gm.model(PATH, "eps")
+    for name in ("dpmpp_2m", "heun", "euler"):
+        x = P.kd_at(K, (name, "exponential", None, None), 200 if name != "heun" else 199, model, noise)
+        out[f"k-diffusion {name}, DDPM-linear, NFE ~200"] = rmse(x, ref)
+    out["ours dpmpp_2m, DDPM-linear, NFE 200"] = rmse(uf.sample(model, noise, "dpmpp_2m", 200), ref)
+    a, se = float(PATH.alpha(torch.tensor(999.0))), float(PATH.sigma_edm(torch.tensor(999.0)))
+    m = gm.model(uf.paths.EDM(sigma_max=se), "x0")
+    for name, n in (("heun", 100), ("dpmpp_2m", 100), ("dpmpp_2m", 400)):
+        sig = K.sampling.get_sigmas_karras(n if name != "heun" else n // 2 + 1, 0.002, se).to(F64)
+        x, calls = P.kd_run(K, name, P.Denoiser(m), noise / a, sig, None)
+        out[f"k-diffusion {name}, EDM path to sigma 0.002, NFE {calls}"] = rmse(x, ref)
+    return out
+
+
+def accuracy(problem: str, gm: GaussianMixture, n: int, nfes, quick: bool, K=None, limit_samplers=()):
+    """Per NFE: each library's best configuration on validation noise, its error on test noise; ours with the
+    defaults (best sampler, default grid) and with grids fitted by optimize_grid on validation noise; the physical
+    limit per sampler (limit_samplers) on the test noise."""
     noise = {k: torch.randn(n, gm.D, generator=torch.Generator().manual_seed(s), dtype=F64)
              for k, s in (("val", 0), ("test", 1))}
     t0 = time.time()
@@ -174,6 +209,8 @@ def accuracy(problem: str, gm: GaussianMixture, n: int, nfes, quick: bool):
     data = gm.sample(n, torch.Generator().manual_seed(2))[0]
     data2 = gm.sample(n, torch.Generator().manual_seed(3))[0]
     dcfg = diffusers_configs()
+    kcfg = {P.kd_label(c): c for c in P.kd_configs(not quick)} if K is not None else {}
+    discrete = P.discrete_denoiser(K, model) if K is not None else None
     ours_names = ["dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "heun", "euler"] if quick else OURS
     grids = [g for g in GRIDS if g["spacing"] == "logsnr"] if quick else GRIDS
     rows = {}
@@ -182,12 +219,18 @@ def accuracy(problem: str, gm: GaussianMixture, n: int, nfes, quick: bool):
         val = {}
         for key, (cls, cfg) in dcfg.items():
             val[("diffusers", key)] = rmse(diffusers_at(cls, cfg, nfe, model.net, noise["val"]), ref["val"])
+        for label, c in kcfg.items():
+            val[("k-diffusion", label)] = rmse(P.kd_at(K, c, nfe, model, noise["val"], discrete), ref["val"])
         for name in ours_names:
             for g in [dict(spacing=None)] + grids:
                 label = name + ("" if g.get("spacing") is None else
                                 f"/{g['spacing']}[{g['sigma_min'] or 'min'},{g['sigma_max'] or 'max'}]")
                 kw = {k: v for k, v in g.items() if v is not None}
                 val[("ours", label)] = rmse(ours_at(name, kw, nfe, model, noise["val"]), ref["val"])
+        fits = P.fitted(model, noise["val"], nfe) if nfe <= FIT_MAX_NFE else {}
+        for name, g in fits.items():
+            val[("fitted", name)] = rmse(uf.sample(model, noise["val"], name, spacing=g) if g is not None else None,
+                                         ref["val"])
 
         def best(pred):
             keys = [k for k in val if pred(k) and math.isfinite(val[k])]
@@ -195,11 +238,16 @@ def accuracy(problem: str, gm: GaussianMixture, n: int, nfes, quick: bool):
 
         picks = {"ours": best(lambda k: k[0] == "ours"),
                  "ours_default": best(lambda k: k[0] == "ours" and "/" not in k[1]),
-                 "diffusers": best(lambda k: k[0] == "diffusers")}
+                 "ours_fit": best(lambda k: k[0] == "fitted"),
+                 "diffusers": best(lambda k: k[0] == "diffusers"),
+                 "k-diffusion": best(lambda k: k[0] == "k-diffusion" and P.own_range(k[1])),
+                 "k-diffusion_tuned": best(lambda k: k[0] == "k-diffusion")}
         for lib, key in (("ours", "dpmpp_2m"), ("ours", "dpmpp_3m"), ("ours", "unipc"), ("ours", "ddim"),
                          ("diffusers", "DDIM/leading"), ("diffusers", "DPM++2M/default"),
-                         ("diffusers", "UniPC2-bh2/default")):
-            picks[f"{lib}:{key}"] = (lib, key)
+                         ("diffusers", "UniPC2-bh2/default"), ("k-diffusion", "dpmpp_2m/karras[min,max]"),
+                         ("k-diffusion", "dpmpp_3m_sde/exponential[min,max]")):
+            if lib != "k-diffusion" or key in kcfg:
+                picks[f"{lib}:{key}"] = (lib, key)
         row = {}
         for tag, key in picks.items():
             if key is None:
@@ -208,128 +256,42 @@ def accuracy(problem: str, gm: GaussianMixture, n: int, nfes, quick: bool):
             if lib == "diffusers":
                 cls, cfg = dcfg[label]
                 x = diffusers_at(cls, cfg, nfe, model.net, noise["test"])
+            elif lib == "k-diffusion":
+                x = P.kd_at(K, kcfg[label], nfe, model, noise["test"], discrete)
+            elif lib == "fitted":
+                x = uf.sample(model, noise["test"], label, spacing=fits[label])
+                label = f"{label} on its optimize_grid grid"
             else:
-                name, _, rest = label.partition("/")
-                kw = {}
-                if rest:
-                    sp, rng = rest.split("[")
-                    lo, hi = rng.rstrip("]").split(",")
-                    kw = dict(spacing=sp, **({} if lo == "min" else {"sigma_min": float(lo)}),
-                              **({} if hi == "max" else {"sigma_max": float(hi)}))
-                x = ours_at(name, kw, nfe, model, noise["test"])
+                x = ours_at(*parse_label(label), nfe, model, noise["test"])
             row[tag] = {"config": f"{lib} {label}", "val": val.get(key), "test": rmse(x, ref["test"]),
                         "sw2": sliced_w2(x, data) if x is not None else None}
-            if tag == "ours":  # the same grid given to diffusers' DPM-Solver++ (informational, not a diffusers option)
-                steps = integer_grid(name, kw, nfe)
-                if steps is not None:
-                    from diffusers import DPMSolverMultistepScheduler
-                    for o in (2, 3):
-                        try:
-                            xg = run_diffusers_on_grid(DPMSolverMultistepScheduler, dict(solver_order=o), steps,
-                                                       model.net, noise["test"])
-                        except Exception:
-                            continue
-                        row[f"diffusers_our_grid_{o}"] = {"config": f"diffusers DPM++{o}M on our grid {steps}",
-                                                          "test": rmse(xg, ref["test"]), "sw2": None}
+        if limit_samplers and nfe in LIMIT_NFES:
+            row["limit"] = P.limit(model, noise["test"], ref["test"], nfe, limit_samplers)
         rows[nfe] = row
-        o, d = row["ours"]["test"], row["diffusers"]["test"]
-        print(f"[{problem}] NFE {nfe:2d}: ours {o:.3e} ({row['ours']['config']})  diffusers {d:.3e} "
-              f"({row['diffusers']['config']})  ratio {o / d:.2f}  [{time.time() - t0:.0f}s]", flush=True)
+        peer = min(row[k]["test"] for k in ("diffusers", "k-diffusion") if k in row)
+        msg = "  ".join(f"{k} {row[k]['test']:.3e}" for k in ("ours", "ours_default", "ours_fit", "diffusers",
+                                                               "k-diffusion") if k in row)
+        print(f"[{problem}] NFE {nfe:2d}: {msg}  default/peer {row['ours_default']['test'] / peer:.2f}"
+              + (f"  fitted/peer {row['ours_fit']['test'] / peer:.2f}" if "ours_fit" in row else "")
+              + f"  [{time.time() - t0:.0f}s]", flush=True)
     floor = {"reference_sw2": sliced_w2(ref["test"], data), "data_sw2": sliced_w2(data2, data)}
-    return {"rows": rows, "floor": floor}
-
-
-# --- overhead ------------------------------------------------------------------------------------------------------
-def timing(reps: int):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
-
-    torch.set_num_threads(1)
-    net = lambda x, t: x * 0
-    model = uf.DiffusionModel(net, PATH, "eps")
-    abar = PATH.alphas_cumprod.float()
-
-    def diff(cls, noise):
-        sched = cls(num_train_timesteps=1000, beta_schedule="linear")
-
-        def run():
-            sched.set_timesteps(25)
-            x = noise
-            for t in sched.timesteps:
-                x = sched.step(net(x, t), t, x).prev_sample
-            return x
-        return run
-
-    def hand(noise):  # the DDIM loop as one writes it by hand: trailing timesteps, table lookups per step
-        def run():
-            ts = torch.arange(999, -1, -40)
-            x = noise
-            for i, t in enumerate(ts):
-                a_t = abar[t]
-                a_p = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
-                eps = net(x, t)
-                x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-                x = a_p.sqrt() * x0 + (1 - a_p).sqrt() * eps
-            return x
-        return run
-
-    def hand_floats(noise):  # the same loop with the table read once as Python floats (no 0-dim tensor ops)
-        def run():
-            ts = list(range(999, -1, -40))
-            a = abar[ts].tolist() + [1.0]
-            x = noise
-            for i, t in enumerate(ts):
-                eps = net(x, t)
-                x0 = (x - math.sqrt(1.0 - a[i]) * eps) / math.sqrt(a[i])
-                x = math.sqrt(a[i + 1]) * x0 + math.sqrt(1.0 - a[i + 1]) * eps
-            return x
-        return run
-
-    out = {}
-    grid = uf.paths.time_grid(PATH, 25, "trailing")
-    plan = uf.samplers.Plan()  # kept between repeated calls: their set-up work is done once
-    order = random.Random(0)
-    for shape in ((16, 3, 64, 64), (1, 4, 64, 64)):
-        noise = torch.randn(shape)
-        # a new path and model per call, no plan: nothing of an earlier call is kept (the set-up cost of new settings)
-        fresh = iter([uf.DiffusionModel(net, DDPM.linear(), "eps") for _ in range(reps + 1)])
-        fs = {"diffusers ddim": diff(DDIMScheduler, noise),
-              "diffusers dpmpp_2m": diff(DPMSolverMultistepScheduler, noise),
-              "diffusers unipc": diff(UniPCMultistepScheduler, noise),
-              "ours ddim": lambda: uf.sample(model, noise, "ddim", nfe=25, spacing="trailing", plan=plan),
-              "ours dpmpp_2m": lambda: uf.sample(model, noise, "dpmpp_2m", nfe=25, spacing="linspace", plan=plan),
-              "ours unipc": lambda: uf.sample(model, noise, "unipc", nfe=25, spacing="linspace", plan=plan),
-              "ours dpmpp_2m (logsnr grid)": lambda: uf.sample(model, noise, "dpmpp_2m", nfe=25, plan=plan),
-              "ours unipc (logsnr grid)": lambda: uf.sample(model, noise, "unipc", nfe=25, plan=plan),
-              "hand-written ddim": hand(noise),
-              "hand-written ddim (float coefficients)": hand_floats(noise),
-              "network only (25 calls)": lambda: [net(noise, 0) for _ in range(25)],
-              "ours ddim (low level, grid built once)": lambda: uf.samplers.sample_ddim(model, noise, grid, plan=plan),
-              "ours ddim (first call: new path and model)":
-                  lambda: uf.sample(next(fresh), noise, "ddim", nfe=25, spacing="trailing")}
-        assert torch.allclose(fs["ours ddim"](), fs["hand-written ddim"](), rtol=1e-3, atol=1e-3 * noise.abs().max())
-        times = {k: [] for k in fs}
-        walls = {k: [] for k in fs}
-        for _ in range(reps):  # interleaved, in a new random order each round
-            keys = list(fs)
-            order.shuffle(keys)
-            for k in keys:
-                t0, c0 = time.perf_counter(), time.thread_time()
-                fs[k]()
-                times[k].append(time.thread_time() - c0)
-                walls[k].append(time.perf_counter() - t0)
-        name = "x".join(map(str, shape))
-        out[name] = {k: min(v) for k, v in times.items()}
-        out[name + " (wall clock)"] = {k: min(v) for k, v in walls.items()}
-        out[name + " (median)"] = {k: statistics.median(v) for k, v in times.items()}
-        best, med = out[name], out[name + " (median)"]
-        d = sum(best[f"diffusers {n}"] for n in ("ddim", "dpmpp_2m", "unipc"))
-        o = sum(best[f"ours {n}"] for n in ("ddim", "dpmpp_2m", "unipc"))
-        ref, tight = "hand-written ddim", "hand-written ddim (float coefficients)"
-        print(f"[timing {shape}] ours/diffusers {o / d:.2f}; ddim/hand-written: min "
-              f"{best['ours ddim'] / best[ref]:.2f}, median {med['ours ddim'] / med[ref]:.2f}; ddim/hand-written "
-              f"(float coefficients): min {best['ours ddim'] / best[tight]:.2f}, median "
-              f"{med['ours ddim'] / med[tight]:.2f}", flush=True)
+    out = {"rows": rows, "floor": floor}
+    if K is not None:
+        out["convention_check"] = convention_check(K, gm, noise["test"], ref["test"])
+        print(f"[{problem}] conventions: {out['convention_check']}", flush=True)
     return out
+
+
+def parse_label(label):
+    """(sampler, grid keywords) of one of our configuration labels, e.g. 'unipc/logsnr[0.1,2.0]'."""
+    name, _, rest = label.partition("/")
+    kw = {}
+    if rest:
+        sp, rng = rest.split("[")
+        lo, hi = rng.rstrip("]").split(",")
+        kw = dict(spacing=sp, **({} if lo == "min" else {"sigma_min": float(lo)}),
+                  **({} if hi == "max" else {"sigma_max": float(hi)}))
+    return name, kw
 
 
 # --- report ----------------------------------------------------------------------------------------------------------
@@ -341,9 +303,11 @@ def plot(results, path):
 
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.6), dpi=110)
     axes = [axes] if len(results) == 1 else axes
-    styles = {"ours": ("tab:red", "-o", "ours, best configuration"),
-              "ours_default": ("tab:orange", "-s", "ours, best with default grids"),
+    styles = {"ours": ("tab:red", ":", "ours, tuned per problem"),
+              "ours_default": ("tab:orange", "-s", "ours, defaults"),
+              "ours_fit": ("tab:red", "-o", "ours, optimize_grid"),
               "diffusers": ("tab:blue", "-o", "diffusers, best configuration"),
+              "k-diffusion": ("tab:olive", "-o", "k-diffusion, best configuration"),
               "ours:dpmpp_3m": ("tab:pink", ":", "ours dpmpp_3m (default)"),
               "ours:unipc": ("tab:purple", ":", "ours unipc (default)"),
               "ours:ddim": ("tab:brown", ":", "ours ddim (default)"),
@@ -370,91 +334,12 @@ def report(results, times, command, path_md, path_png, meta=None):
     import diffusers
 
     lines = ["# Samplers: accuracy per network evaluation and overhead", "",
-             f"Date 2026-11-23; machine 2-core x86_64 CPU, torch {torch.__version__.split('+')[0]} CPU, diffusers "
-             f"{diffusers.__version__}, Python {platform.python_version()}; commands: {command}.", "",
-             "Problems: a 2-D ring of 8 Gaussians (std 0.1, radius 1) and a 64-D mixture of 10 Gaussians; "
-             "the network is "
-             "the exact eps-prediction oracle on the DDPM-linear path (T = 1000), so every diffusers scheduler for "
-             "DDPM-linear eps models applies unchanged. Both libraries start from the same noise x_999. Error: RMS "
-             "distance to the exact PF-ODE solution from that noise (adaptive Dormand-Prince, rtol = atol = 1e-9). For "
-             "each NFE the best configuration of each library is picked on a validation noise set and reported on a "
-             "separate test set. Our configurations: 9 ODE samplers (ddim, euler, heun, dpm_solver_3, "
-             "dpmpp_2s, dpmpp_2m, "
-             "dpmpp_3m, unipc, ipndm) x default grid, logsnr or karras spacing with "
-             "sigma_max in {157 (path), 20, 5, 2} and sigma_min in {0.01 (path), 0.03, 0.1}; grids always start at the "
-             "noise end (a first step from t = 999 to sigma_max when it is lower). diffusers: DDIM (3 spacings), "
-             "DPM-Solver++ 2M/3M (default, trailing, karras, lu), single-step DPM-Solver 2/3, UniPC 2/3 "
-             "(bh1, bh2), DEIS "
-             "2/3, Euler, Heun, LMS (default, trailing, karras) and PNDM; only runs that make exactly the given number "
-             "of network calls count. Our samplers evaluate the DDPM model at fractional timesteps (the continuous "
-             "interpolation of its schedule), as DPM-Solver's reference code does for discrete models.", "",
-             f"![error vs NFE]({os.path.basename(path_png)})", ""]
+             f"Date {time.strftime('%Y-%m-%d')}; machine 2-core x86_64 CPU, torch {torch.__version__.split('+')[0]} "
+             f"CPU, diffusers {diffusers.__version__}, {kd_version()}, Python {platform.python_version()}; "
+             f"commands: {command}.", ""] + intro_lines() + [f"![error vs NFE]({os.path.basename(path_png)})", ""]
     for problem, res in results.items():
-        lines += [f"## {problem}", "", "| NFE | ours best (test RMSE) | configuration | ours, default grids | "
-                  "diffusers best | configuration | ratio ours/diffusers |", "|---|---|---|---|---|---|---|"]
-        for nfe in sorted(res["rows"]):
-            r = res["rows"][nfe]
-            o, od, d = r["ours"], r["ours_default"], r["diffusers"]
-            lines.append(f"| {nfe} | {o['test']:.3e} | {o['config'][5:]} | {od['test']:.3e} ({od['config'][5:]}) | "
-                         f"{d['test']:.3e} | {d['config'][10:]} | {o['test'] / d['test']:.2f} |")
-        extra = [(n, r) for n, r in sorted(res["rows"].items()) if "diffusers_our_grid_3" in r]
-        if extra:
-            lines += ["", "For information, diffusers' DPM-Solver++ given our best grid through "
-                      "`set_timesteps(timesteps=...)` "
-                      "(rounded to integer timesteps; not one of its own spacing options):", "",
-                      "| NFE | ours best | diffusers DPM++2M on our grid | diffusers DPM++3M on our grid |",
-                      "|---|---|---|---|"]
-            for nfe, r in extra:
-                g2 = r.get("diffusers_our_grid_2", {}).get("test", math.nan)
-                g3 = r["diffusers_our_grid_3"]["test"]
-                lines.append(f"| {nfe} | {r['ours']['test']:.3e} | {g2:.3e} | {g3:.3e} |")
-        lines += ["", "Sliced W2 to fresh data samples (lower is better; the exact ODE solution scores "
-                  f"{res['floor']['reference_sw2']:.4f}, a second data sample {res['floor']['data_sw2']:.4f}):", "",
-                  "| NFE | ours best | diffusers best |", "|---|---|---|"]
-        for nfe in sorted(res["rows"]):
-            r = res["rows"][nfe]
-            lines.append(f"| {nfe} | {r['ours']['sw2']:.4f} | {r['diffusers']['sw2']:.4f} |")
-        lines.append("")
-    def spread(key_a, key_b, lo=5):
-        """min and max over NFE >= lo and both problems of error(key_a) / error(key_b)."""
-        vals = []
-        for res in results.values():
-            for nfe, r in res["rows"].items():
-                keys = [k for k in (key_a if isinstance(key_a, tuple) else (key_a,)) if k in r]
-                if nfe >= lo and key_b in r and keys:
-                    vals.append(min(r[k]["test"] for k in keys) / r[key_b]["test"])
-        return (min(vals), max(vals)) if vals else (math.nan, math.nan)
-
-    g_lo, g_hi = spread(("diffusers_our_grid_2", "diffusers_our_grid_3"), "ours")
-    d_lo, d_hi = spread("ours_default", "diffusers")
-    lines += ["## Reading the numbers", "",
-              "- Most of the gain comes from the time grid. Our best configurations use a log-SNR (or karras) spacing "
-              "between sigma_max = 2-20 and sigma_min = 0.03-0.1 (sigma = sigma/alpha), reached by one first step from "
-              "the noise end t = 999 (every `uf.sample` grid starts there); diffusers' own spacing options cannot "
-              "express such grids. Given the same grid through `set_timesteps(timesteps=...)`, diffusers' DPM-Solver++ "
-              f"(best of 2M and 3M) has {g_lo:.1f}-{g_hi:.1f}x our error at NFE 5-50: close at some NFEs, "
-              "several times "
-              "worse at others, where our UniPC (corrector plus the corrected final denoising step) pulls ahead.",
-              "- With the default grids (the path's full range, 157 to 0.01) our best sampler has "
-              f"{d_lo:.2f}-{d_hi:.2f}x "
-              "the error of diffusers' best configuration at NFE 5-50: on par, not better.",
-              "- NFE 1: every one of our samplers returns E[x0 | x_999], close to the data mean; diffusers' 'leading' "
-              "DDIM evaluates at t = 0 and returns (almost) the noise itself, which on the 2-D ring lies closer in RMS "
-              "to the ODE endpoint (but far from the data in distribution).",
-              "- From NFE 35 our error on the 2-D ring stays at 4e-4: the floor set by the last step, which "
-              "returns the "
-              "denoised estimate at the smallest noise level of the DDPM table (sigma/alpha = 0.01) instead of "
-              "integrating on to sigma = 0.",
-              "- DPM-Solver++ 3M here uses the second difference D2 = 2 (D1_0 - D1_1)/(r0 + r1) (order 3, verified in "
-              "tests/samplers/test_accuracy.py); diffusers' 3M omits the factor 2 (order ~2).", ""]
-    lines += ["## Targets", ""]
-    for problem, res in results.items():
-        for nfe in (5, 10):
-            if nfe in res["rows"]:
-                r = res["rows"][nfe]
-                ratio = r["ours"]["test"] / r["diffusers"]["test"]
-                lines.append(f"- {problem}, NFE {nfe}: ours/diffusers = {ratio:.2f} (target <= 0.7): "
-                             f"{'met' if ratio <= 0.7 else 'NOT met'}")
+        lines += problem_lines(problem, res)
+    lines += target_lines(results)
     if times:
         meta = meta or {}
         shapes = [k for k in times if "(" not in k]
@@ -541,6 +426,13 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=15, help="timing repetitions")
     ap.add_argument("--nfe", default=None, help="comma-separated NFEs to (re)run, merged into the saved results")
     ap.add_argument("--out", default=OUT)
+    ap.add_argument("--problems", default="", help="comma-separated subset of 2d,64d,heavy (default: all)")
+    ap.add_argument("--no-kdiffusion", action="store_true", help="skip the k-diffusion peer")
+    ap.add_argument("--fresh", action="store_true", help="drop the saved accuracy results (with --nfe: start anew)")
+    ap.add_argument("--no-limit", action="store_true", help="skip the physical-limit search")
+    ap.add_argument("--limit-problems", default="2d", help="problems that get the physical-limit search (default 2d)")
+    ap.add_argument("--digits", metavar="RUN", help="only the FD comparison on the digits run RUN (see sampler_peers)")
+    ap.add_argument("--mnist", metavar="RUN", help="the same on an MNIST run (a latent run's samples are decoded)")
     args = ap.parse_args(argv)
     args.skip_accuracy = args.skip_accuracy or args.overhead
     warnings.filterwarnings("ignore")
@@ -550,6 +442,18 @@ def main(argv=None):
     torch.set_num_threads(1)
     command = "python bench/samplers.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip()
     nfes = [int(v) for v in args.nfe.split(",")] if args.nfe else [5, 10] if args.quick else NFES
+    if args.digits or args.mnist:  # only the FD comparison on a trained digits or MNIST run
+        res = P.digits_fd(args.digits or args.mnist, P.k_diffusion(), diffusers_configs=diffusers_configs,
+                          diffusers_at=diffusers_at)
+        base = os.path.join(args.out, "samplers-digits" if args.digits else "samplers-mnist")
+        with open(base + ".json.tmp", "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(base + ".json.tmp", base + ".json")
+        with open(base + ".md.tmp", "w") as f:
+            f.write("\n".join(P.digits_lines(res, command)) + "\n")
+        os.replace(base + ".md.tmp", base + ".md")
+        print(f"wrote {base}.md")
+        return
     md, png, js = (os.path.join(args.out, f"samplers.{ext}") for ext in ("md", "png", "json"))
     old = {}
     if os.path.exists(js):  # a part not rerun is kept from the previous run
@@ -557,14 +461,23 @@ def main(argv=None):
             old = json.load(f)
         for res in (old.get("accuracy") or {}).values():
             res["rows"] = {int(k): v for k, v in res["rows"].items()}
-    results = (old.get("accuracy") or {}) if (args.skip_accuracy or args.nfe) else {}
+    keep = (args.skip_accuracy or args.nfe or args.problems) and not args.fresh
+    results = (old.get("accuracy") or {}) if keep else {}
     if not args.skip_accuracy:
-        for problem, key, gm, n in (("2-D ring (8 Gaussians)", "2d", ring2d(), 2000),
-                                    ("64-D mixture (10 Gaussians)", "64d", mixture64(), 500)):
-            new = accuracy(key, gm, n, nfes, args.quick)
-            if problem in results:  # merge the rerun NFEs into the saved ones
-                results[problem]["rows"].update(new["rows"])
-                results[problem]["floor"] = new["floor"]
+        K = None if args.no_kdiffusion else P.k_diffusion()
+        problems = [("2-D ring (8 Gaussians)", "2d", ring2d(), 2000),
+                    ("64-D mixture (10 Gaussians)", "64d", mixture64(), 500),
+                    ("16-D heavy-tailed, nearly low-rank", "heavy", P.heavy_lowrank(), 1000)]
+        for problem, key, gm, n in problems:
+            if args.problems and key not in args.problems.split(","):
+                continue
+            lim = () if args.no_limit or key not in args.limit_problems.split(",") else LIMIT_SAMPLERS
+            new = accuracy(key, gm, n, nfes, args.quick, K, lim)
+            if problem in results:  # merge the rerun NFEs into the saved ones (a limit not rerun is kept)
+                for nfe, row in new["rows"].items():
+                    kept = results[problem]["rows"].get(nfe, {}).get("limit")
+                    results[problem]["rows"][nfe] = dict(row, **({"limit": kept} if kept and "limit" not in row else {}))
+                results[problem].update({k: v for k, v in new.items() if k != "rows"})
             else:
                 results[problem] = new
     meta = old.get("timing_meta")
@@ -578,7 +491,7 @@ def main(argv=None):
         times = old.get("timing")
     commands = dict(old.get("commands") or {})  # which command produced each part
     if not args.skip_accuracy:
-        commands["accuracy"] = (commands.get("accuracy", "") + " + " if args.nfe else "") + command
+        commands["accuracy"] = (commands.get("accuracy", "") + " + " if keep else "") + command
     if not args.skip_timing:
         commands["timing"] = command
     os.makedirs(args.out, exist_ok=True)

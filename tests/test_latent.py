@@ -326,6 +326,18 @@ def test_folder_latent_64_stages_an_f4_autoencoder_at_64_pixels():
     stage = stage_config(cfg)
     assert (stage.model.net, stage.data.name, stage.data.size, stage.data.heldout) == \
            ("ae-rgb64", "folder:/data/faces", 64, 20)
-    assert stage.train.minutes == pytest.approx(0.3 * 10)
+    assert stage.train.minutes == pytest.approx(cfg.data.latent_share * 10) and cfg.data.latent_share == 0.3
     ae = build_net(stage.model.net, channels=4)
     assert tuple(ae.encode(torch.zeros(1, 3, 64, 64))[0].shape) == (1, 4, 16, 16)
+
+
+def test_the_default_mnist_preset_is_latent_with_its_autoencoder_in_15_percent_of_the_minutes():
+    """`mnist` is `mnist-latent` (DEFAULT_MNIST): mnist-ae trains first in data.latent_share = 0.15 of --minutes."""
+    from unifuse.training.autoencoder import stage_config
+
+    cfg = get_config("mnist", ["train.minutes=20"])
+    assert cfg.data.latent == "train:mnist-ae" and cfg.data.latent_share == 0.15
+    assert stage_config(cfg).train.minutes == pytest.approx(3.0)
+    assert stage_config(get_config("mnist", ["train.minutes=20", "data.latent_share=0.5"])).train.minutes == 10
+    with pytest.raises(UnifuseError, match="data.latent_share=0"):
+        get_config("mnist", ["data.latent_share=0"])

@@ -22,6 +22,7 @@ import os
 import sys
 import time
 
+from .cli_grid import add_grid, apply_grid, cmd_grid
 from .cli_post import _add_distill, _add_finetune, cmd_distill, cmd_finetune
 from .errors import UnifuseError
 from .io import write_json
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         for k, (m, o) in FT_RECOMMENDED.items())
                             + "; rewards: " + ", ".join(REWARDS) + "; options: --set finetune.options.KEY=VALUE "
                             "(docs/finetune.md)")))
+    add_grid(add("grid", "fit a sampler's time grid to a trained run (optimize_grid) and write it as JSON",
+                 "unifuse grid --ckpt runs/digits --sampler unipc --nfe 8 --out grid.json"))
     add("presets", "list the named training presets", "unifuse presets")
     add("samplers", "list the samplers: order, NFE rule, default spacing, default NFE, options",
         "unifuse samplers")
@@ -128,6 +131,7 @@ def _add_sample(s) -> None:
     s.add_argument("--sampler", help="sampler name (default: the run's)")
     s.add_argument("--nfe", type=int, help="network evaluations (default: the run's)")
     s.add_argument("--spacing", help="time-step spacing (default: the sampler's)")
+    s.add_argument("--grid", metavar="FILE", help="a grid file of unifuse grid (sets the sampler and NFE)")
     s.add_argument("--n", type=int, default=64, help="number of samples")
     s.add_argument("--seed", type=int, default=0, help="sample i depends only on (seed, i), whatever --batch")
     s.add_argument("--class", dest="class_label", metavar="NAME_OR_INDEX",
@@ -303,6 +307,7 @@ def cmd_sample(args) -> int:
     folder = find_checkpoint(args.ckpt)
     meta = read_meta(folder)
     info = meta["data"]
+    grid = apply_grid(args) if args.grid else None  # sets args.sampler and args.nfe from the file
     check_out_folder(args.out, data=info)  # before any work
     model, cfg = load_model(folder, ema=not args.raw, device=device, nfe=args.nfe)
     start = time.time()
@@ -310,7 +315,8 @@ def cmd_sample(args) -> int:
     model, guidance, options = guided_model(model, cfg, info, args)
     x, labels, path = generate(
         model, cfg.sample, info, args.n, conditioning=cfg.data.cond, seed=args.seed, batch=args.batch,
-        sampler=args.sampler, nfe=args.nfe, spacing=args.spacing, class_label=class_label, prompt=args.prompt,
+        sampler=args.sampler, nfe=args.nfe, spacing=args.spacing if grid is None else grid, class_label=class_label,
+        prompt=args.prompt,
         guidance=guidance, guidance_options=options, clip_denoised=args.clip_denoised,
         threshold_percentile=args.threshold_percentile, progress=True, device=device, dtype=dtype, trajectory=True)
     metadata = sample_metadata(args, cfg, meta, folder, device=str(device), dtype=args.dtype)
@@ -394,7 +400,8 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "distill": cmd_distill,
-            "finetune": cmd_finetune, "presets": cmd_presets, "samplers": cmd_samplers, "demo": cmd_demo}
+            "finetune": cmd_finetune, "presets": cmd_presets, "samplers": cmd_samplers, "demo": cmd_demo,
+            "grid": cmd_grid}
 
 
 def main(argv=None) -> int:

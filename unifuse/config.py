@@ -80,6 +80,10 @@ DATASET_PARTS = {
                    ema_halflife=20000.0, precision="fp32", threads=0),
 }
 DEFAULT_FAMILY = {"digits": "edm", "mnist": "edm", "toy": "edm"}
+# At 20 CPU-minutes on 2 cores the latent recipe (autoencoder, then EDM on its 7x7x4 latents) reached 2.45x the real-vs-real
+# floor where the best pixel-space recipe stayed far above it (docs/benchmarks/latent.md, bench/latent.py): the
+# default mnist, mnist-cond and mnist-text presets are the latent ones.
+DEFAULT_MNIST = "mnist-latent"
 CT_STAGE_FRACTION = 8          # ECT: the consistency gap halves 8 times over the preset's steps
 
 
@@ -161,6 +165,14 @@ def _presets() -> dict:
     for toy in TOYS:
         out[f"toy-{toy}"] = family_config(DEFAULT_FAMILY["toy"], toy, name=f"toy-{toy}")
     out.update({k: validate(v) for k, v in latent_presets(out["mnist"], out["mnist-cond"], out["mnist-text"]).items()})
+    # The default MNIST models are the latent ones (DEFAULT_MNIST); the pixel-space ones stay as mnist-pixel(-cond, -text).
+    for suffix in ("", "-cond", "-text"):
+        pixel = out[f"mnist{suffix}"]
+        out[f"mnist-pixel{suffix}"] = replace(pixel, name=f"mnist-pixel{suffix}",
+                                              description=pixel.description.replace("the default mnist model",
+                                                                                    "mnist in pixel space"))
+        out[f"mnist{suffix}"] = replace(out[f"{DEFAULT_MNIST}{suffix}"], name=f"mnist{suffix}")
+    out["mnist"] = replace(out["mnist"], description=f"the default mnist model: {out['mnist'].description}")
     return out
 
 
@@ -225,6 +237,8 @@ def latent_checks(cfg: Config) -> list:
         (not d.latent or cfg.sample.clip_denoised == 0,
          f"sample.clip_denoised={cfg.sample.clip_denoised:g} clips to the pixel range, but a latent run's data are "
          "unit-variance latents; set sample.clip_denoised=0"),
+        (0 < d.latent_share < 1, f"data.latent_share={d.latent_share:g} is the autoencoder stage's share of "
+         "train.minutes; use a number between 0 and 1, e.g. 0.3"),
         (not d.latent_options or d.latent.startswith("train:"),
          "data.latent_options are overrides of the autoencoder stage that data.latent=train:PRESET runs; set "
          "data.latent=train:mnist-ae or drop them"),

@@ -18,7 +18,8 @@ class DataConfig:
     latent: str = ""                # "" pixel space; an autoencoder run folder: train on its latents (unifuse.latent);
                                     # "train:PRESET": train that autoencoder preset first, into RUN/autoencoder
     latent_options: dict = field(default_factory=dict)  # with train:PRESET, the autoencoder stage's overrides
-                                    # ({train: {steps: 500}}); its budget: LATENT_AE_SHARE of train.minutes
+                                    # ({train: {steps: 500}})
+    latent_share: float = 0.3       # with train:PRESET and train.minutes, the autoencoder stage's share of the minutes
 
 
 @dataclass(frozen=True)

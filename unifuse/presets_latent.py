@@ -7,7 +7,9 @@ from dataclasses import replace
 from .config_sections import Config, DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, SampleConfig, TrainConfig
 
 AE_FAMILY, AE_OBJECTIVE = "ae", "autoencoder"   # an autoencoder run (latent diffusion's first stage)
-LATENT_AE_SHARE = 0.3          # data.latent=train:PRESET: the autoencoder stage's share of train.minutes
+# mnist-latent's autoencoder share of --minutes (data.latent_share; 0.3 elsewhere): mnist-ae reconstructs at 0.47x the
+# real floor after 3 CPU-minutes as after 6 (docs/latent.md), so 15% of 20 minutes leaves the diffusion model 17.
+MNIST_AE_SHARE = 0.15
 FOLDER_UNSET = "folder:<DIR>"   # the folder presets' data.name: the user gives the folder (--set data.name=folder:DIR)
 FOLDER_AUTOENCODERS = {32: ("ae-rgb32", "8x8x4", 64), 64: ("ae-rgb64", "16x16x4", 32)}  # size: net, latent, batch
 
@@ -15,7 +17,7 @@ FOLDER_AUTOENCODERS = {32: ("ae-rgb32", "8x8x4", 64), 64: ("ae-rgb64", "16x16x4"
 def latent_presets(mnist: Config, mnist_cond: Config, mnist_text: Config) -> dict:
     """mnist-ae (the LDM KL-autoencoder, f=4: 28x28 -> 7x7x4, KL weight 1e-6), mnist-ae-plain (deterministic, no KL),
     and mnist-latent / -cond / -text: the mnist models on those latents, training mnist-ae first in
-    LATENT_AE_SHARE of the budget, with the digits recipe (an MLP on the flattened 196 numbers, batch 512, beta2
+    MNIST_AE_SHARE of the budget, with the digits recipe (an MLP on the flattened 196 numbers, batch 512, beta2
     0.99, lr decay after 150 steps; sigma_data 1 for unit-variance latents and EDM's noise levels shifted by ln 2 to
     match). At 5 CPU-minutes it reached 15x the floor where a DiT with 1x1 patches reached 108x (docs/latent.md).
     digits has no autoencoder preset: 8x8 at f=2 gives 4x4x4, as many numbers as the pixels.
@@ -31,9 +33,9 @@ def latent_presets(mnist: Config, mnist_cond: Config, mnist_text: Config) -> dic
     plain = replace(ae, name="mnist-ae-plain", description="plain (deterministic) autoencoder, f=4, on mnist",
                     model=replace(ae.model, net="ae-mnist-plain"), objective=replace(ae.objective, options={"kl": 0.0}))
     out = {"mnist-ae": ae, "mnist-ae-plain": plain,
-           "mnist-latent": _latent(mnist, "mnist-latent", "mnist-ae", "7x7x4"),
-           "mnist-latent-cond": _latent(mnist_cond, "mnist-latent-cond", "mnist-ae", "7x7x4"),
-           "mnist-latent-text": _latent(mnist_text, "mnist-latent-text", "mnist-ae", "7x7x4")}
+           "mnist-latent": _latent(mnist, "mnist-latent", "mnist-ae", "7x7x4", MNIST_AE_SHARE),
+           "mnist-latent-cond": _latent(mnist_cond, "mnist-latent-cond", "mnist-ae", "7x7x4", MNIST_AE_SHARE),
+           "mnist-latent-text": _latent(mnist_text, "mnist-latent-text", "mnist-ae", "7x7x4", MNIST_AE_SHARE)}
     for size, (net, shape, batch) in FOLDER_AUTOENCODERS.items():
         pixels = DataConfig(name=FOLDER_UNSET, size=size, batch=batch)
         out[f"folder-ae-{size}"] = replace(
@@ -46,12 +48,13 @@ def latent_presets(mnist: Config, mnist_cond: Config, mnist_text: Config) -> dic
     return out
 
 
-def _latent(base: Config, name: str, autoencoder: str, shape: str) -> Config:
-    """`base` on the latents of the autoencoder preset `autoencoder` (trained first): the digits recipe."""
+def _latent(base: Config, name: str, autoencoder: str, shape: str, share: float = 0.3) -> Config:
+    """`base` on the latents of the autoencoder preset `autoencoder` (trained first in `share` of the minutes): the
+    digits recipe."""
     cond = "" if base.data.cond == "none" else f", {base.data.cond}-conditional"
     return replace(base, name=name, description=f"{base.model.family} on the {shape} latents of {autoencoder} "
                                                 f"(trained first){cond}",
-                   data=replace(base.data, latent=f"train:{autoencoder}", batch=512),
+                   data=replace(base.data, latent=f"train:{autoencoder}", latent_share=share, batch=512),
                    model=replace(base.model, net="mlp-toy", net_options={"width": 1024}, sigma_data=1.0),
                    objective=replace(base.objective, options={"mean": -0.5, "std": 1.2}),
                    optim=replace(base.optim, lr=2e-3, betas=(0.9, 0.99), warmup_steps=100, decay_after=150),

@@ -34,6 +34,7 @@ from .errors import UnifuseError
 from .parameterization.kinds import defined_at_zero_snr
 from .paths import time_grid
 from .samplers import checks as _checks
+from .samplers import grids as _grids
 from .samplers.plan import Plan, as_plan
 
 F64 = torch.float64
@@ -206,8 +207,11 @@ def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | Non
            plan: Plan | None = None, grad: bool = False, **options):
     """Sample from `model` starting at standard normal `noise` with exactly `nfe` network evaluations.
 
-    spacing: a name of `uf.paths.SPACINGS` (default: the sampler's own, e.g. "logsnr" for DPM-Solver) or a
-    tensor of native times (a user grid; nfe then must match the grid's cost or be None).
+    spacing: a name of `uf.paths.SPACINGS` or a tensor of native times (a user grid, e.g. from
+    `uf.samplers.optimize_grid`; nfe then must match the grid's cost or be None). Default: the spacing and
+    sigma range that `uf.samplers.default_grid` gives for this sampler and NFE (a first jump from the noise end
+    to sigma_max, a final denoise at sigma_min), unless sigma_min or sigma_max is given; with either, the
+    sampler's own spacing (e.g. "logsnr" for DPM-Solver).
     generator: None, a torch.Generator, an int seed or a list of generators / seeds (one per sample: sample i
     then depends only on its own seed, whatever the batch size). cond: keyword arguments for the network.
     guidance: a classifier-free guidance scale (the model is wrapped by `uf.guidance.classifier_free`).
@@ -239,6 +243,9 @@ def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | Non
         ts, extra, nfe, prior = _user_grid(path, sampler, spacing, nfe, options)
     else:
         nfe = _check_nfe(spec.default_nfe if nfe is None else nfe)
+        if spacing is None and sigma_min is None and sigma_max is None:  # the sampler's measured default grid
+            default = _grids.default_grid(sampler, nfe)
+            spacing, sigma_min, sigma_max = default.get("spacing"), default.get("sigma_min"), default.get("sigma_max")
         plan = as_plan(plan, "uf.sample")
         ts, extra, prior = _planned(model, sampler, nfe, spec.spacing if spacing is None else spacing,
                                     dict(rho=rho, shift=shift, sigma_min=sigma_min, sigma_max=sigma_max, t_max=t_max),

@@ -166,11 +166,15 @@ def test_every_required_preset_exists_and_builds():
     for ds in ("digits", "mnist"):
         assert {ds, f"{ds}-cond", f"{ds}-text"} <= names
         assert {f"{ds}-{f}" for f in C.FAMILIES} <= names
+    # the default MNIST models are latent (DEFAULT_MNIST); the pixel-space ones keep their own names
+    assert all(C.PRESETS[f"mnist{s}"].data.latent and not C.PRESETS[f"mnist-pixel{s}"].data.latent
+               and C.PRESETS[f"mnist{s}"].data.cond == C.PRESETS[f"mnist-pixel{s}"].data.cond for s in ("", "-cond", "-text"))
     assert {f"toy-{t}" for t in ("moons", "8gaussians", "checkerboard", "swissroll")} <= names
-    info = {"digits": {"shape": [1, 8, 8], "num_classes": 10}, "mnist": {"shape": [1, 32, 32], "num_classes": 10}}
-    for name in [f"digits-{f}" for f in C.FAMILIES] + ["digits-cond", "mnist", "mnist-ct"]:
+    info = {"digits": {"shape": [1, 8, 8], "num_classes": 10}, "mnist": {"shape": [1, 32, 32], "num_classes": 10},
+            "latent": {"shape": [4, 7, 7], "num_classes": 10}}
+    for name in [f"digits-{f}" for f in C.FAMILIES] + ["digits-cond", "mnist", "mnist-pixel", "mnist-ct"]:
         cfg = C.PRESETS[name]
-        model = build_model(cfg, build_net(cfg, info[cfg.data.name]))
+        model = build_model(cfg, build_net(cfg, info["latent" if cfg.data.latent else cfg.data.name]))
         assert model.prediction == cfg.model.prediction and callable(build_objective(cfg))
     assert C.load_config.__doc__
     assert C.to_dict(C.PRESETS["digits"])["model"]["family"] == C.PRESETS["digits"].model.family

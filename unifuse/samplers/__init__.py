@@ -9,6 +9,8 @@ name to its function and its cost rule (how an NFE budget becomes a grid); `uf.s
 that builds the grid from `nfe` and `spacing`. Every sampler and `uf.sample` take `plan=`, a `Plan` the caller
 keeps so that repeated calls do their time-only set-up once (`plan`). The one-step functions `step_*` (`steps`)
 take one step from s to t, with a time per sample if wanted (e.g. a distillation teacher's step).
+`default_grid(sampler, nfe)` is the grid (spacing, sigma range) `uf.sample` uses when given no spacing, and
+`optimize_grid(model, noise, nfe, sampler=...)` fits a grid to a model (`grids`).
 `generators(seed, start, count)` are the per-sample noise streams of samples start..start+count-1 (what an int
 seed gives a batch), so that sample i depends only on (seed, i) however a run is batched.
 "average" (`average`) jumps with a two-time average-velocity model (MeanFlow, shortcut models) and is Euler's
@@ -24,6 +26,7 @@ from .ancestral import sample_ddim, sample_ddpm
 from .average import sample_average
 from .base import NoiseSource, generators, randn
 from .consistency import sample_consistency
+from .grids import default_grid, optimize_grid
 from .multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_ipndm, sample_unipc
 from .ode import sample_adaptive, sample_edm_stochastic, sample_euler, sample_heun, sample_midpoint
 from .plan import Plan, Schedule, schedule
@@ -102,7 +105,7 @@ def get(name: str) -> Sampler:
 
 
 __all__ = ["SAMPLERS", "Sampler", "available", "get", "Plan", "GaussianStep", "NoiseSource", "Schedule", "schedule",
-           "randn", "generators",
+           "randn", "generators", "optimize_grid", "default_grid",
            "sample_ddpm", "sample_ddim", "sample_euler", "sample_heun", "sample_edm_stochastic", "sample_dpm_solver_1",
            "sample_dpm_solver_2", "sample_dpm_solver_3", "sample_dpmpp_2s", "sample_dpmpp_2m", "sample_dpmpp_3m",
            "sample_dpmpp_2m_sde", "sample_unipc", "sample_ipndm", "sample_euler_maruyama", "sample_pc",

@@ -143,10 +143,10 @@ def train_autoencoder(cfg, out: str, *, resume: str | None = None, progress: boo
 
 def stage_config(cfg):
     """The autoencoder stage of a data.latent=train:PRESET run: PRESET on the run's images (data name and folder
-    keys), seed, device, clock and threads, with LATENT_AE_SHARE of train.minutes, then data.latent_options."""
+    keys), seed, device, clock and threads, with data.latent_share of train.minutes, then data.latent_options."""
     from ..config import PRESETS, from_dict, to_dict
     from ..errors import choose
-    from ..presets_latent import AE_FAMILY, LATENT_AE_SHARE
+    from ..presets_latent import AE_FAMILY
 
     preset = choose("autoencoder preset (data.latent=train:PRESET)", cfg.data.latent.removeprefix("train:"), PRESETS)
     base = PRESETS[preset]
@@ -155,7 +155,7 @@ def stage_config(cfg):
     d, t = cfg.data, cfg.train
     data = {"name": d.name, "size": d.size, "channels": d.channels, "heldout": d.heldout, "strict": d.strict}
     train = {"seed": t.seed, "device": t.device, "clock": t.clock, "threads": t.threads,
-             "minutes": LATENT_AE_SHARE * t.minutes}
+             "minutes": d.latent_share * t.minutes}
     stage = from_dict({"data": data, "train": train}, base)
     return from_dict(_merged(to_dict(stage), dict(cfg.data.latent_options)))
 

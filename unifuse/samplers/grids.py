@@ -1,0 +1,303 @@
+"""Time grids for few-step sampling: the default grid of each sampler per NFE, and grids fitted to a model.
+
+Default grids (`default_grid`). With K evaluations the error of an ODE sampler comes from three places: the
+first jump from the prior (at sigma >> data scale the denoiser is almost the data mean, so one step can go
+from the noise end down to sigma_max ~ 1-10 almost for free), the steps in between, and the final denoise,
+which returns E[x0 | x_t] at the last noisy level sigma_min instead of integrating on to sigma = 0. Few
+evaluations cannot resolve low noise levels, so sigma_min rises as K falls, and the steps in between are
+spaced evenly in log-SNR (the variable in which the exponential integrators are exact for a linear
+denoiser; Lu et al. 2022). The table below (sigma = sigma/alpha, EDM units, data of scale ~1, e.g. images
+in [-1, 1]) was chosen once from measurements over a family of exact problems (docs/benchmarks/samplers.md:
+a 2-D ring, a 64-D mixture of anisotropic Gaussians and a heavy-tailed, nearly low-rank scale mixture) and
+never per problem; every path reads it through its own sigma/alpha, so it is the same grid on every path.
+
+Fitted grids (`optimize_grid`): the grid is fitted to the model from a small batch of its own noise.
+1. A reference: the PF-ODE solved on a fine log-SNR grid (`reference_nfe` evaluations per sample).
+2. GITS (Chen et al. 2024, "On the Trajectory Regularity of ODE-based Diffusion Sampling"): dynamic
+   programming over candidate times on that reference trajectory. The cost of a jump c_i -> c_j is the
+   distance between one first-order (DDIM) step from the reference state at c_i and the reference state at
+   c_j (states measured in x_t / sqrt(alpha^2 + sigma^2), so that every path gives the same cost); the cost
+   of the final denoise from c_i is the distance of its x0 estimate to the reference sample. The cheapest
+   path with the sampler's number of steps is one starting grid.
+3. Local refinement: coordinate descent on the log-SNR positions of the grid's times (the first time, the
+   noise end, stays), minimising the RMS distance of the sampler's own samples on the grid to the reference
+   samples (the error the benchmarks report; where a few samples switch modes they dominate it, so fit on a
+   batch large enough to hold several: 64 images, 256 points), started from the best of the default grid,
+   the GITS grid and the named spacings; a move of +-delta is kept when it lowers the error, delta halves
+   when a sweep keeps none.
+Cost (network evaluations per noise sample): reference_nfe + candidates (the denoiser at each candidate
+state) + nfe x (starting grids + evaluations of the descent, at most 6 + max_evals), e.g. 192 + 48 + 10 x 166
+~ 1900 at NFE 10 with the defaults. The result only ever lowers the error on the fitting batch below that of the default grid.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import UnifuseError
+
+F64 = torch.float64
+
+# sampler -> rows (nfe, spacing, sigma_min, sigma_max), chosen at nfe = 3, 4, 5, 6, 8, 10, 12, 15, 20 as the
+# configuration (spacing logsnr or karras, sigma_min in {path, 0.02, 0.03, 0.05, 0.1, 0.2}, sigma_max in {path, 80,
+# 20, 10, 5, 2, 1}) of least geometric-mean error ratio to the best over three exact problems (`python
+# bench/samplers.py`, docs/benchmarks/samplers.md). A budget takes the row of the smallest listed nfe >= it;
+# LATE_ROW covers 21..50 (measured at 25, 35, 50: 1.0-1.5x the best, against 1.2-3.5x for the path's whole
+# range). Only rows up to FEW_STEP_MAX are used (below). None: the path's end.
+DEFAULT_TABLE = {
+    "dpm_solver_1": ((3, "logsnr", 0.2, 1.0), (4, "karras", 0.2, 2.0), (6, "logsnr", 0.1, 2.0),
+                     (10, "logsnr", 0.1, 5.0), (12, "karras", 0.1, 5.0), (15, "karras", 0.05, 10.0),
+                     (20, "logsnr", 0.05, 10.0)),  # measured as "ddim", the same method
+    "dpm_solver_3": ((3, "logsnr", 0.2, 1.0), (4, "karras", 0.2, 2.0), (6, "logsnr", 0.1, 2.0), (8, "logsnr", 0.1, 5.0),
+                     (10, "logsnr", 0.1, 2.0), (12, "logsnr", None, 2.0), (20, "logsnr", None, 5.0)),
+    "dpmpp_2m": ((3, "logsnr", 0.2, 1.0), (4, "logsnr", 0.1, 2.0), (6, "logsnr", 0.1, 5.0), (8, "logsnr", 0.1, 10.0),
+                 (10, "logsnr", 0.05, 10.0), (15, "logsnr", 0.03, 10.0), (20, "logsnr", 0.02, 10.0)),
+    "dpmpp_2s": ((3, "logsnr", 0.2, 1.0), (4, "karras", 0.2, 2.0), (6, "logsnr", 0.1, 2.0), (8, "logsnr", 0.03, 2.0),
+                 (10, "logsnr", 0.03, 5.0), (12, "logsnr", 0.03, 10.0), (15, "logsnr", None, 10.0),
+                 (20, "logsnr", 0.03, 10.0)),
+    "dpmpp_3m": ((3, "logsnr", 0.2, 1.0), (4, "logsnr", 0.1, 2.0), (6, "logsnr", 0.1, 5.0), (8, "logsnr", 0.1, 10.0),
+                 (10, "logsnr", 0.05, 10.0), (15, "logsnr", 0.03, 10.0), (20, "logsnr", None, 10.0)),
+    "euler": ((3, "logsnr", 0.2, 1.0), (4, "karras", 0.2, 2.0), (5, "logsnr", 0.1, 2.0), (8, "logsnr", 0.1, 5.0),
+              (10, "logsnr", 0.1, 20.0), (15, "logsnr", 0.05, 5.0), (50, "karras", 0.05, 20.0)),
+    "heun": ((3, "logsnr", 0.2, 1.0), (4, "karras", 0.2, 2.0), (5, "logsnr", 0.1, 2.0), (8, "logsnr", 0.1, 5.0),
+             (10, "logsnr", 0.05, 5.0), (12, "logsnr", 0.03, 5.0), (15, "logsnr", 0.02, 10.0),
+             (20, "karras", None, 10.0)),
+    "ipndm": ((3, "logsnr", 0.2, 1.0), (4, "karras", 0.2, 2.0), (5, "karras", 0.1, 2.0), (6, "logsnr", 0.1, 5.0),
+              (8, "karras", 0.05, 5.0), (10, "karras", 0.05, 10.0), (15, "karras", 0.03, 10.0),
+              (20, "karras", 0.02, 10.0)),
+    "unipc": ((3, "logsnr", 0.1, 1.0), (5, "karras", 0.1, 2.0), (6, "logsnr", 0.1, 5.0), (8, "logsnr", 0.05, 5.0),
+              (12, "logsnr", 0.03, 5.0), (15, "logsnr", 0.02, 5.0), (20, "karras", None, 5.0)),
+}
+# unmeasured samplers take the rows of their closest relative (the same steps at these budgets). "ddim" keeps its
+# Karras grid over the path's whole range: progressive distillation trains its students on that grid
+# (distill/progressive.py `ddim_grid`) and they are sampled with uf.sample's ddim defaults.
+DEFAULT_TABLE.update(dpm_solver_2=DEFAULT_TABLE["dpm_solver_3"],
+                     midpoint=DEFAULT_TABLE["heun"], edm_stochastic=DEFAULT_TABLE["heun"])  # EDM's: Heun + churn
+LATE_ROW = (50, None, None, 10.0)  # 21..50 (measured, not used: FEW_STEP_MAX): a jump to sigma 10, then own spacing
+# Above 12 NFE the table is not used: every sampler keeps its own spacing over the path's whole range. The rows'
+# truncated ranges win on exact denoisers (ODE error), but a trained network is not one: the 20-CPU-minute latent
+# MNIST model (bench/latent.py) sampled by heun at 20 NFE scores 3.11x the real floor on the row (karras, sigma_max
+# 10) against 2.45x on Karras' whole range (same noise, 3 draws), and at 15-20 NFE the rows already lost to the peers
+# on the 64-D mixture (docs/benchmarks/samplers.md).
+FEW_STEP_MAX = 12
+
+
+def default_grid(sampler: str, nfe: int) -> dict:
+    """The grid keywords (spacing, sigma_min, sigma_max) `uf.sample` uses for `sampler` at `nfe` when the
+    caller gives no spacing; {} for samplers that keep their own spacing over the path's whole range
+    (stochastic ones, consistency, adaptive, average)."""
+    from . import get
+
+    spacing = get(sampler).spacing
+    rows = DEFAULT_TABLE.get(sampler)
+    if rows is None:
+        return {}
+    if nfe > FEW_STEP_MAX:
+        return {"spacing": spacing}
+    for max_nfe, sp, lo, hi in (*rows, LATE_ROW):
+        if nfe <= max_nfe:
+            return {"spacing": sp or spacing, "sigma_min": lo, "sigma_max": hi}
+    return {"spacing": spacing}
+
+
+# --- optimize_grid ------------------------------------------------------------------------------------------
+FITTABLE = ("step", "stage")
+NAMED = ("logsnr", "karras", "uniform", "shift")  # starting grids besides the default and GITS
+
+
+def _steps_for(path, sampler: str, nfe: int, start: float, options: dict) -> int:
+    """Number of grid steps (ending on the data) on which sampler costs exactly nfe (a user grid's rule)."""
+    from ..sampling import grid_cost
+
+    for k in range(1, nfe + 2):
+        lam = torch.linspace(-10.0, 10.0, k, dtype=F64)[1:] if k > 1 else torch.zeros(0, dtype=F64)
+        ts = torch.cat([torch.tensor([start], dtype=F64), path.t_from_log_snr(lam).clamp(max=start * (1 - 1e-9)),
+                        torch.tensor([path.t_min], dtype=F64)])
+        cost, _ = grid_cost(sampler, ts, path, options)
+        if cost == nfe:
+            return k
+        if cost > nfe:
+            break
+    costs = sorted({grid_cost(sampler, torch.linspace(start, path.t_min, k + 1, dtype=F64), path, options)[0]
+                    for k in range(1, nfe + 2)})
+    raise UnifuseError(f"sampler {sampler!r} cannot spend exactly nfe={nfe} on a grid of its own steps; "
+                       f"use nfe in {[c for c in costs if c <= nfe + 4]}")
+
+
+def _reference_trajectory(model, noise, ts_fine, every: int, cond):
+    """Reference states at every `every`-th time of the fine grid, and the reference samples (unipc)."""
+    from ..sampling import sample
+
+    x, traj = sample(model, noise, "unipc", spacing=ts_fine, cond=cond, return_trajectory=True)
+    states = [traj.states[i].to(F64) for i in range(0, len(ts_fine) - 1, every)]
+    return states, x.to(F64)
+
+
+def _norm(path, t: torch.Tensor) -> torch.Tensor:
+    a, s = path.alpha(t), path.sigma(t)
+    return torch.sqrt(a * a + s * s)
+
+
+def gits_grid(model, noise, steps: int, candidates: int = 48, refine: int = 4, cond=None, start=None):
+    """GITS (Chen et al. 2024): the `steps`-step grid, from the noise end to the data, that minimises the
+    summed one-step (DDIM) errors along a reference trajectory, by dynamic programming over `candidates`
+    times evenly spaced in log-SNR. Returns (grid, reference samples)."""
+    path = model.path
+    t0 = float(path.t_max if start is None else start)
+    lam_top = float(path.log_snr(torch.tensor(t0, dtype=F64)))
+    lam_lo = max(lam_top, -2 * math.log(80.0))  # candidates start at sigma = 80 at most (or at t0)
+    lam_hi = min(float(path.log_snr(torch.tensor(path.t_eps, dtype=F64))), -2 * math.log(0.002))
+    lam = torch.linspace(lam_lo, lam_hi, candidates * refine + 1, dtype=F64)[1:]
+    fine = torch.cat([torch.tensor([t0], dtype=F64), path.t_from_log_snr(lam), torch.tensor([path.t_min], dtype=F64)])
+    if not bool((fine[1:] < fine[:-1]).all()):
+        raise UnifuseError(f"cannot build a candidate grid on {path!r} from t = {t0}; use fewer candidates")
+    states, x_ref = _reference_trajectory(model, noise, fine, refine, cond)
+    cand = fine[:-1:refine][: len(states)]
+    n = len(cand)
+    a, s = path.alpha(cand).tolist(), path.sigma(cand).tolist()
+    scale = _norm(path, cand).tolist()
+    with torch.no_grad():
+        x0 = [model.denoise(states[i].to(noise.dtype), cand[i].expand(noise.shape[0]).to(noise.dtype), **(cond or {}))
+              .to(F64) for i in range(n)]
+    rms = lambda d: float(d.square().mean().sqrt())
+    INF = math.inf
+    cost = [[INF] * (n + 1) for _ in range(n)]  # cost[i][j]: jump from candidate i to j (j = n: the data)
+    for i in range(n):
+        for j in range(i + 1, n):
+            xj = (s[j] / s[i]) * states[i] + (a[j] - a[i] * s[j] / s[i]) * x0[i]
+            cost[i][j] = rms(xj - states[j]) / scale[j]
+        cost[i][n] = rms(x0[i] - x_ref)
+    # best[k][j]: cheapest k-step path from candidate 0 to j
+    best = [[INF] * (n + 1) for _ in range(steps + 1)]
+    back = [[-1] * (n + 1) for _ in range(steps + 1)]
+    best[0][0] = 0.0
+    for k in range(1, steps + 1):
+        for j in range(1, n + 1):
+            for i in range(k - 1, j):
+                c = best[k - 1][i] + cost[i][j] if i < n else INF
+                if c < best[k][j]:
+                    best[k][j], back[k][j] = c, i
+    if not math.isfinite(best[steps][n]):
+        raise UnifuseError(f"{steps} steps do not fit between {n} candidate times; raise candidates")
+    idx, j = [], n
+    for k in range(steps, 0, -1):
+        j = back[k][j]
+        idx.append(j)
+    grid = torch.cat([cand[list(reversed(idx))], torch.tensor([path.t_min], dtype=F64)])
+    return grid, x_ref
+
+
+def _lam(path, ts: torch.Tensor) -> torch.Tensor:
+    return path.log_snr(ts)
+
+
+def _error(model, noise, sampler, grid, x_ref, cond, options) -> float:
+    from ..sampling import sample
+
+    try:
+        x = sample(model, noise, sampler, spacing=grid, cond=cond, **options)
+    except UnifuseError:
+        return math.inf
+    err = float((x.to(F64) - x_ref).square().mean().sqrt())
+    return err if math.isfinite(err) else math.inf
+
+
+def refine_grid(model, noise, sampler, grid, x_ref, *, delta: float = 1.0, delta_min: float = 0.05,
+                max_evals: int = 160, cond=None, options=None, err0: float | None = None):
+    """Coordinate descent on the log-SNR positions of grid[1:-1] (grid[0], the start, and the data end stay):
+    each time moves by +-delta in full log-SNR within its neighbours while that lowers the RMS error of the
+    sampler's samples against x_ref (`_error`); delta halves after a sweep with no accepted move.
+    Returns (grid, error)."""
+    path, options = model.path, dict(options or {})
+    lam = _lam(path, grid).clone()
+    lam_max = min(float(path.log_snr(torch.tensor(path.t_eps, dtype=F64))), -2 * math.log(1e-4))
+    best = _error(model, noise, sampler, grid, x_ref, cond, options) if err0 is None else err0
+    evals, gap = 0, 1e-3
+
+    def grid_of(lv):
+        return torch.cat([grid[:1], path.t_from_log_snr(lv[1:-1]), grid[-1:]])
+
+    while delta >= delta_min and evals < max_evals:
+        moved = False
+        for i in range(1, lam.numel() - 1):
+            lo = float(lam[i - 1]) + gap if math.isfinite(float(lam[i - 1])) else -math.inf
+            hi = float(lam[i + 1]) - gap if i + 1 < lam.numel() - 1 else lam_max
+            for d in (delta, -delta):
+                v = min(max(float(lam[i]) + d, lo), hi)
+                if abs(v - float(lam[i])) < 1e-9 or evals >= max_evals:
+                    continue
+                trial = lam.clone()
+                trial[i] = v
+                g = grid_of(trial)
+                if not bool((g[1:] < g[:-1]).all()):
+                    continue
+                err = _error(model, noise, sampler, g, x_ref, cond, options)
+                evals += 1
+                if err < best:
+                    best, lam, moved = err, trial, True
+                    break
+        if not moved:
+            delta /= 2
+    return grid_of(lam), best
+
+
+def optimize_grid(model, noise: torch.Tensor, nfe: int, sampler: str = "dpmpp_2m", *, reference_nfe: int = 192,
+                  candidates: int = 48, max_evals: int = 160, delta: float = 1.0, delta_min: float = 0.05,
+                  cond: dict | None = None, return_info: bool = False, **options) -> torch.Tensor:
+    """A native-time grid fitted to `model` for `sampler` at exactly `nfe` evaluations (module docstring).
+
+    noise: a small batch of the model's own standard-normal noise, e.g. 32-64 images; the grid is fitted to
+    the samples from this noise. reference_nfe: evaluations per sample of the reference solution (a multiple
+    of `candidates`). max_evals: sampler runs of the coordinate descent. Cost in network evaluations:
+    batch x (reference_nfe + candidates + nfe x (6 + max_evals)) at most.
+    Returns the grid t_0 > ... > t_K = t_min that `uf.sample(model, noise, sampler, spacing=grid)` takes
+    (its cost there is exactly nfe); with return_info also a dict of the errors on the fitting batch."""
+    from ..parameterization.kinds import defined_at_zero_snr
+    from ..sampling import _check_nfe, planned_grid
+    from . import get
+
+    spec = get(sampler)
+    nfe = _check_nfe(nfe)
+    if spec.cost not in FITTABLE or (spec.stochastic and sampler != "ddim"):
+        raise UnifuseError(f"optimize_grid fits deterministic ODE samplers; {sampler!r} is not one "
+                           "(use e.g. 'dpmpp_2m', 'unipc', 'dpmpp_3m', 'heun' or 'euler')")
+    if not isinstance(noise, torch.Tensor) or noise.ndim < 2 or not noise.is_floating_point():
+        raise UnifuseError("noise must be a floating-point tensor [batch, ...] of standard normal values")
+    path = model.path
+    refine = max(1, reference_nfe // candidates)
+    zero_ok = defined_at_zero_snr(getattr(model, "prediction", None))
+    kw = dict(rho=7.0, shift=3.0, t_max=float(getattr(model, "t_max", path.t_max)), sigma_min=None, sigma_max=None)
+    default = default_grid(sampler, nfe)  # what uf.sample uses without a spacing
+    spacing = default.pop("spacing", spec.spacing)
+    kw.update(default)
+    start = float(planned_grid(path, sampler, nfe, spacing, kw, zero_ok, options)[0][0])
+    steps = _steps_for(path, sampler, nfe, start, options)
+    grid_dp, x_ref = gits_grid(model, noise, steps, candidates, refine, cond, start)
+    inits = {"gits": grid_dp}
+    full = dict(kw, sigma_min=None, sigma_max=None)
+    for name, sp, grid_kw in [("default", spacing, kw)] + [(sp, sp, full) for sp in NAMED]:
+        g = _user_default(path, steps, sp, start, grid_kw, zero_ok)
+        if g is not None:
+            inits[name] = g
+    errs = {k: _error(model, noise, sampler, g, x_ref, cond, options) for k, g in inits.items()}
+    first = min(errs, key=errs.get)
+    grid, err = refine_grid(model, noise, sampler, inits[first], x_ref, delta=delta, delta_min=delta_min,
+                            max_evals=max_evals, cond=cond, options=options, err0=errs[first])
+    if return_info:
+        return grid, {"start": first, "errors": errs, "error": err, "steps": steps}
+    return grid
+
+
+def _user_default(path, steps, spacing, start, kw, zero_ok):
+    """A grid of `steps` steps from `uf.sample`'s construction (`noise_end_grid`) that starts at `start`, or None."""
+    from ..sampling import noise_end_grid
+
+    try:
+        g = noise_end_grid(path, steps, spacing, kw, zero_ok)
+    except UnifuseError:
+        return None
+    if abs(float(g[0]) - start) > 1e-9 * max(1.0, abs(start)):  # starts elsewhere (e.g. below a zero-SNR end)
+        return None
+    g = torch.cat([torch.tensor([start], dtype=F64), g[1:]])  # the same start to the last bit
+    return g if bool((g[1:] < g[:-1]).all()) else None
