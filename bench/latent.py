@@ -100,7 +100,7 @@ def report(results: list, command: str) -> None:
     from unifuse.io import write_text
 
     lines = ["# Latent against pixel diffusion on MNIST-5k", "",
-             f"Written {datetime.date.today()} on {platform.processor() or platform.machine()}, one thread per run, "
+             f"Written {datetime.date.today()} on {cpu_name()}, one thread per run, "
              f"process clock. Last command: `{command}`", "",
              "FD / floor: mean of the draws (each draw in brackets); recognised: share with classifier p >= 0.9, and "
              "the lowest per-class share (per predicted class, lowest over draws); AE: the autoencoder's "
@@ -114,7 +114,20 @@ def report(results: list, command: str) -> None:
                      f"({', '.join(f'{v:.2f}' for v in r['fd_ratios'])}) | {100 * r['recognised']:.0f}% "
                      f"({100 * min(r['recognised_per_class']):.0f}%) | {ae} | {r['peak_rss_mb']} | "
                      f"{r['images_per_s']} | [grid]({r['grid']}) |")
+    notes = sorted({r["note"] for r in results if r.get("note")})
+    lines += ["", "Commands that produced the rows (run from a copy of the repository; `--runs` is where the runs went):",
+              ""] + [f"- `{c}`" for c in sorted({r["command"] for r in results})] + [f"- note: {n}" for n in notes]
     write_text(os.path.join(DOCS, "latent.md"), "\n".join(lines) + "\n")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
+        return f"{names[0]} ({len(names)} cores)"
+    except (OSError, IndexError):
+        return platform.machine()
 
 
 def load_results() -> list:

@@ -81,8 +81,8 @@ DATASET_PARTS = {
 }
 DEFAULT_FAMILY = {"digits": "edm", "mnist": "edm", "toy": "edm"}
 # At 20 CPU-minutes on 2 cores the latent recipe (autoencoder, then EDM on its 7x7x4 latents) reached 2.45x the real-vs-real
-# floor where the best pixel-space recipe stayed far above it (docs/benchmarks/latent.md, bench/latent.py): the
-# default mnist, mnist-cond and mnist-text presets are the latent ones.
+# floor where the best pixel-space recipe (DDPM, U-Net) reached 9.17x (docs/benchmarks/latent.md, bench/latent.py):
+# the default mnist, mnist-cond and mnist-text presets are the latent ones.
 DEFAULT_MNIST = "mnist-latent"
 CT_STAGE_FRACTION = 8          # ECT: the consistency gap halves 8 times over the preset's steps
 

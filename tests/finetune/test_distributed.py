@@ -10,7 +10,7 @@ from unifuse import config as C
 from unifuse.training import train
 
 SCRIPT = """
-import json, sys, torch
+import json, os, sys, torch
 torch.set_num_threads(1)
 from unifuse.finetune.loop import finetune, finetune_config
 fast = ["finetune.batch=16", "finetune.steps=4", "finetune.eval_n=16", "finetune.eval_every=0", "train.sample_every=0",
@@ -19,7 +19,7 @@ method, options = sys.argv[3], sys.argv[4:]
 cfg = finetune_config(sys.argv[1], method, reward="brightness", overrides=fast + options, steps=2)
 s = finetune(cfg, sys.argv[2] + "-" + method, progress=False)
 keys = ("rank", "world", "step", "weights_sha256", "ranks_in_sync")
-print("RESULT " + json.dumps(dict({k: s[k] for k in keys}, method=method)), flush=True)
+os.write(1, ("RESULT " + json.dumps(dict({k: s[k] for k in keys}, method=method)) + "\\n").encode())  # one write
 """
 
 

@@ -13,14 +13,14 @@ import torch
 from ..test_latent import write_blobs
 
 SCRIPT = """
-import json, sys, torch
+import json, os, sys, torch
 torch.set_num_threads(1)
 from unifuse.config import get_config
 from unifuse.training import train
 cfg = get_config("folder-latent-32", sys.argv[2:])
 s = train(cfg, sys.argv[1], progress=False)
 keys = ("rank", "world", "step", "weights_sha256", "ranks_in_sync")
-print("RESULT " + json.dumps({k: s[k] for k in keys}), flush=True)
+os.write(1, ("RESULT " + json.dumps({k: s[k] for k in keys}) + "\\n").encode())  # one write: ranks print at once
 """
 AE_STEPS = 4
 

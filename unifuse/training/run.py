@@ -252,6 +252,7 @@ class Run:
                 plot_loss_curve(self.path("metrics.jsonl"), self.path("loss.png"))
             append_metrics(self.path("metrics.jsonl"), {"step": step, "event": "end", "stopped_by": self.stopped_by,
                                                         "seconds": summary["seconds"], "precision": self.precision})
+        distributed.barrier(self.env)  # leave together: a rank that leaves while rank 0 still writes can abort at exit
         distributed.teardown(self.env)
         return summary
 
