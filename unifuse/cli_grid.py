@@ -11,13 +11,13 @@ from the seeds samples use by default.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import torch
 
 from .errors import UnifuseError
+from .io import read_json
 
 
 def add_grid(g) -> None:
@@ -68,12 +68,8 @@ def cmd_grid(args) -> int:
 
 def read_grid(file: str, path=None) -> dict:
     """The record of a grid file written by `unifuse grid` (checked: a grid of native times, its sampler and NFE)."""
-    try:
-        with open(file) as fh:
-            record = json.load(fh)
-    except (OSError, ValueError) as err:
-        raise UnifuseError(f"cannot read the grid file {file!r} ({err}); write one with unifuse grid") from None
-    if not isinstance(record, dict) or not {"sampler", "nfe", "grid"} <= set(record):
+    record = read_json(file, "grid file", "write one with unifuse grid")
+    if not {"sampler", "nfe", "grid"} <= set(record):
         raise UnifuseError(f"{file!r} is not a grid file of unifuse grid (needs sampler, nfe and grid)")
     if path is not None and record.get("path") not in (None, repr(path)):
         raise UnifuseError(f"the grid in {file!r} was fitted on {record['path']}, but this run's path is {path!r}")

@@ -15,6 +15,8 @@ import secrets
 import shutil
 from collections.abc import Callable
 
+from .errors import UnifuseError
+
 
 def atomic_write(path, write: Callable[[str], object], *, sync: bool = False) -> str:
     """Call write(tmp_path) for a temporary file beside `path`, then rename it onto `path` in one step.
@@ -105,3 +107,16 @@ def write_json(path, obj, *, indent: int = 1, sync: bool = False) -> str:
 
 
 __all__ = ["atomic_folder", "atomic_write", "remove_temporaries", "write_json", "write_text"]
+
+
+def read_json(path, what: str, fix: str) -> dict:
+    """The JSON object in `path`; one UnifuseError naming `what`, the file and `fix` if it is missing, not JSON, or
+    not an object."""
+    try:
+        with open(path) as fh:
+            value = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise UnifuseError(f"{what} {path} is missing or not valid JSON ({type(err).__name__}); {fix}") from None
+    if not isinstance(value, dict):
+        raise UnifuseError(f"{what} {path} must hold a JSON object; {fix}")
+    return value

@@ -6,6 +6,7 @@ scheduler/. Everything is read from disk (local_files_only): never the hub.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -80,9 +81,28 @@ def from_diffusers(folder, *, device="cpu", dtype=None, threshold: bool = True) 
 
 
 def codec(folder):
-    """The `LatentCodec` of the folder's vae/ (an AutoencoderKL), or None when it has none."""
+    """The `LatentCodec` of the folder's vae/ (an AutoencoderKL), or None when it has none. Loaded once per version
+    of the vae/ files, however often the commands read the folder (its sidecar, then its model)."""
     vae = _parts(folder)[2]
-    return None if vae is None else load_codec(vae)
+    if vae is None:
+        return None
+    stamp = tuple((f, os.stat(os.path.join(vae, f)).st_mtime_ns) for f in sorted(os.listdir(vae)))
+    return _loaded_codec(os.path.abspath(vae), stamp)
+
+
+def _remembered_codec(folder):
+    """`codec(folder)`, kept by `unifuse.latent.remember` for `find_codec`."""
+    from ..latent import remember
+
+    c = codec(folder)
+    if c is not None:
+        remember(c)
+    return c
+
+
+@functools.lru_cache(maxsize=4)
+def _loaded_codec(vae: str, stamp: tuple):
+    return load_codec(vae)
 
 
 # --- out ---------------------------------------------------------------------------------------------------------
@@ -209,12 +229,8 @@ def run_meta(folder) -> dict:
     from ..training.checkpoint import FORMAT
 
     cfg, info = run_config(folder)
-    vae = _parts(folder)[2]
-    if vae is not None:  # a latent model: its samples decode with the folder's AutoencoderKL
-        from ..latent import remember
-
-        c = load_codec(vae)
-        remember(c)
+    c = _remembered_codec(folder)
+    if c is not None:  # a latent model: its samples decode with the folder's AutoencoderKL
         vcfg = c.autoencoder.vae.config
         f = 2 ** (len(vcfg.block_out_channels) - 1)  # the AutoencoderKL's downsampling factor
         info = dict(info, latent=dict(c.meta(), shape=[int(vcfg.in_channels), info["shape"][1] * f, info["shape"][2] * f]))
@@ -230,7 +246,7 @@ def load_run(folder, device="cpu"):
     the clipping lives in the config's sample section (the commands apply it), not in the model."""
     spec = scheduler_spec(folder)
     cfg, _ = run_config(folder, spec)
-    run_meta(folder)  # loads and remembers the vae's codec, if any
+    _remembered_codec(folder)  # the codec generate() finds by the digest in the sidecar
     model = from_diffusers(folder, device=device, threshold=False)
     return model.eval(), cfg
 

@@ -15,6 +15,7 @@ import os
 import torch
 from torch import nn
 
+from .. import io
 from ..errors import UnifuseError
 
 UNETS = ("UNet2DModel", "UNet2DConditionModel")
@@ -31,15 +32,8 @@ def require_diffusers():
 
 
 def read_json(path: str, what: str) -> dict:
-    try:
-        with open(path) as fh:
-            value = json.load(fh)
-    except (OSError, ValueError) as err:
-        raise UnifuseError(f"{what} {path} is missing or not valid JSON ({type(err).__name__}); use a diffusers folder "
-                           "written by save_pretrained") from None
-    if not isinstance(value, dict):
-        raise UnifuseError(f"{what} {path} must hold a JSON object")
-    return value
+    """A JSON object of a diffusers folder (`unifuse.io.read_json`)."""
+    return io.read_json(path, what, "use a diffusers folder written by save_pretrained")
 
 
 class DiffusersNet(nn.Module):
@@ -128,8 +122,9 @@ def load_unet(folder: str, dtype=None) -> nn.Module:
     if name not in UNETS:
         raise UnifuseError(f"{folder}: network class {name!r} is not supported; supported: {', '.join(UNETS)}")
     if not any(f.endswith(".safetensors") for f in os.listdir(folder)):
-        raise UnifuseError(f"{folder} has no .safetensors weights (unifuse never loads pickled .bin files); convert "
-                           "them once with diffusers: Model.from_pretrained(folder).save_pretrained(folder)")
+        raise UnifuseError(f"{folder} has no .safetensors weights (unifuse never loads pickled .bin files); convert them "
+                           "once with diffusers: Model.from_pretrained(folder, local_files_only=True)"
+                           ".save_pretrained(folder)")
     kw = {} if dtype is None else {"torch_dtype": dtype}
     return getattr(diffusers, name).from_pretrained(folder, local_files_only=True, use_safetensors=True, **kw)
 

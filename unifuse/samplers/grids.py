@@ -36,6 +36,8 @@ import math
 import torch
 
 from ..errors import UnifuseError
+from .ancestral import ddim_coefficients
+from .plan import schedule
 
 F64 = torch.float64
 
@@ -134,11 +136,6 @@ def _reference_trajectory(model, noise, ts_fine, every: int, cond):
     return states, x.to(F64)
 
 
-def _norm(path, t: torch.Tensor) -> torch.Tensor:
-    a, s = path.alpha(t), path.sigma(t)
-    return torch.sqrt(a * a + s * s)
-
-
 def gits_grid(model, noise, steps: int, candidates: int = 48, refine: int = 4, cond=None, start=None):
     """GITS (Chen et al. 2024): the `steps`-step grid, from the noise end to the data, that minimises the
     summed one-step (DDIM) errors along a reference trajectory, by dynamic programming over `candidates`
@@ -155,8 +152,8 @@ def gits_grid(model, noise, steps: int, candidates: int = 48, refine: int = 4, c
     states, x_ref = _reference_trajectory(model, noise, fine, refine, cond)
     cand = fine[:-1:refine][: len(states)]
     n = len(cand)
-    a, s = path.alpha(cand).tolist(), path.sigma(cand).tolist()
-    scale = _norm(path, cand).tolist()
+    sch = schedule(path, cand.tolist())
+    a, s, lam_c = sch.alpha, sch.sigma, sch.lam
     with torch.no_grad():
         x0 = [model.denoise(states[i].to(noise.dtype), cand[i].expand(noise.shape[0]).to(noise.dtype), **(cond or {}))
               .to(F64) for i in range(n)]
@@ -165,8 +162,8 @@ def gits_grid(model, noise, steps: int, candidates: int = 48, refine: int = 4, c
     cost = [[INF] * (n + 1) for _ in range(n)]  # cost[i][j]: jump from candidate i to j (j = n: the data)
     for i in range(n):
         for j in range(i + 1, n):
-            xj = (s[j] / s[i]) * states[i] + (a[j] - a[i] * s[j] / s[i]) * x0[i]
-            cost[i][j] = rms(xj - states[j]) / scale[j]
+            c_x, c_0, _ = ddim_coefficients(a[i], s[i], lam_c[i], a[j], s[j], lam_c[j])  # deterministic DDIM
+            cost[i][j] = rms(c_x * states[i] + c_0 * x0[i] - states[j]) / math.hypot(a[j], s[j])
         cost[i][n] = rms(x0[i] - x_ref)
     # best[k][j]: cheapest k-step path from candidate 0 to j
     best = [[INF] * (n + 1) for _ in range(steps + 1)]
@@ -188,10 +185,6 @@ def gits_grid(model, noise, steps: int, candidates: int = 48, refine: int = 4, c
     return grid, x_ref
 
 
-def _lam(path, ts: torch.Tensor) -> torch.Tensor:
-    return path.log_snr(ts)
-
-
 def _error(model, noise, sampler, grid, x_ref, cond, options) -> float:
     from ..sampling import sample
 
@@ -210,7 +203,7 @@ def refine_grid(model, noise, sampler, grid, x_ref, *, delta: float = 1.0, delta
     sampler's samples against x_ref (`_error`); delta halves after a sweep with no accepted move.
     Returns (grid, error)."""
     path, options = model.path, dict(options or {})
-    lam = _lam(path, grid).clone()
+    lam = path.log_snr(grid).clone()
     lam_max = min(float(path.log_snr(torch.tensor(path.t_eps, dtype=F64))), -2 * math.log(1e-4))
     best = _error(model, noise, sampler, grid, x_ref, cond, options) if err0 is None else err0
     evals, gap = 0, 1e-3

@@ -27,7 +27,7 @@ import shutil
 import torch
 
 from ..errors import UnifuseError
-from ..io import atomic_folder, remove_temporaries, write_json
+from ..io import atomic_folder, read_json, remove_temporaries, write_json
 
 FORMAT = "unifuse-checkpoint"
 
@@ -137,13 +137,8 @@ def read_meta(folder: str) -> dict:
 
         return run_meta(folder)
     path = os.path.join(folder, "checkpoint.json")
-    try:
-        with open(path) as fh:
-            meta = json.load(fh)
-    except (OSError, ValueError) as err:
-        raise UnifuseError(f"checkpoint sidecar {path} is missing or corrupt ({type(err).__name__}); "
-                           "use another checkpoint folder") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
+    meta = read_json(path, "checkpoint sidecar", "use another checkpoint folder")
+    if meta.get("format") != FORMAT or "config" not in meta:
         raise UnifuseError(f"{path} is not a unifuse checkpoint sidecar; use a folder written by unifuse train")
     for key in ("step", "images"):
         value = meta.get(key, 0)
