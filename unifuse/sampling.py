@@ -2,9 +2,11 @@
 
 A thin convenience over `uf.samplers`: it turns `nfe` into a grid of `uf.paths.time_grid` (spacing, rho,
 shift, sigma range) that starts at the model's noise end (`noise_end_grid`), scales the noise by the path's
-prior there, and calls the sampler function. `nfe` is the exact number of network evaluations (a second-order
-single step costs two; the final step to the data costs one). Budgets are met by these documented rules, never
-exceeded:
+prior there, and calls the sampler function. With first_step="analytic" (the default grids' choice at few
+NFE) the jump from the noise end down to sigma_max costs no evaluation: the denoiser there is taken as 0, the
+data mean of normalised data (Zhou et al. 2024's analytical first step), so the noise is read at sigma_max.
+`nfe` is the exact number of network evaluations (a second-order single step costs two; the final step to the data
+costs one). Budgets are met by these documented rules, never exceeded:
   one evaluation per step (ddim, ddpm, euler, multistep, SDE): nfe steps;
   single-step methods of order p (heun, midpoint, edm_stochastic, dpm_solver_2/3, dpmpp_2s): 1 evaluation for
     the final step, then as many order-p steps as fit and one lower-order step for the remainder
@@ -30,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 from . import samplers as _samplers
-from .errors import UnifuseError
+from .errors import UnifuseError, choose
 from .parameterization.kinds import defined_at_zero_snr
 from .paths import time_grid
 from .samplers import checks as _checks
@@ -38,6 +40,7 @@ from .samplers import grids as _grids
 from .samplers.plan import Plan, as_plan
 
 F64 = torch.float64
+FIRST_STEPS = ("evaluated", "analytic")  # how a named grid leaves the noise end (`sample`)
 
 
 class Trajectory(NamedTuple):
@@ -128,13 +131,18 @@ def noise_end_grid(path, steps: int, spacing, grid_kw: dict, zero_snr_ok: bool =
     """`time_grid`, starting at the model's noise end: where a spacing stops below it (karras, logsnr and
     shift clip sigma/alpha at sigma_max, 80 where the path reaches zero SNR), t_max is prepended and the
     first step goes from there, so the noise is always read as a draw from the prior at the noise end.
+    grid_kw["first_step"] == "analytic": no t_max is prepended; the grid starts at sigma_max and the noise is
+    read there (the first jump with the denoiser taken as 0, no evaluation).
     zero_snr_ok=False (eps and score models, undefined at alpha = 0) never prepends a zero-SNR t_max."""
-    ts = time_grid(path, steps, spacing, **grid_kw)
+    kw = {k: v for k, v in grid_kw.items() if k != "first_step"}
+    ts = time_grid(path, steps, spacing, **kw)
     t_max = grid_kw["t_max"]
+    if grid_kw.get("first_step") == "analytic":  # the jump to sigma_max is the DDIM step with x0-hat = 0: free
+        return ts
     if isinstance(spacing, str) and spacing in ("karras", "logsnr", "shift") \
             and float(ts[0]) < t_max - 1e-9 * max(1.0, abs(t_max)) \
             and (zero_snr_ok or float(path.alpha(torch.tensor(t_max, dtype=F64))) > 0.0):
-        rest = time_grid(path, steps - 1, spacing, **grid_kw) if steps >= 2 else ts[-1:]
+        rest = time_grid(path, steps - 1, spacing, **kw) if steps >= 2 else ts[-1:]
         ts = torch.cat([torch.tensor([t_max], dtype=F64), rest])
     return ts
 
@@ -204,7 +212,7 @@ def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | Non
            generator=None, cond: dict | None = None, guidance=None, guidance_options: dict | None = None,
            return_trajectory: bool = False, return_info: bool = False, progress: bool | None = None,
            rho: float = 7.0, shift: float = 3.0, sigma_min: float | None = None, sigma_max: float | None = None,
-           plan: Plan | None = None, grad: bool = False, **options):
+           first_step: str | None = None, plan: Plan | None = None, grad: bool = False, **options):
     """Sample from `model` starting at standard normal `noise` with exactly `nfe` network evaluations.
 
     spacing: a name of `uf.paths.SPACINGS` or a tensor of native times (a user grid, e.g. from
@@ -212,6 +220,12 @@ def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | Non
     sigma range that `uf.samplers.default_grid` gives for this sampler and NFE (a first jump from the noise end
     to sigma_max, a final denoise at sigma_min), unless sigma_min or sigma_max is given; with either, the
     sampler's own spacing (e.g. "logsnr" for DPM-Solver).
+    first_step: how a named spacing gets from the noise end to sigma_max: "evaluated" (one step from the noise
+    end, with the network) or "analytic" (no evaluation: the denoiser at sigma >> 1 is almost the data mean, 0
+    for normalised data, so the noise is read at sigma_max; Zhou et al. 2024's analytical first step, one more
+    evaluation for the steps that matter). Default: the default grid's choice ("analytic" at few NFE) when no
+    spacing or sigma range is given, else "evaluated". A user grid starting below the noise end is read the
+    analytic way (the noise scaled to its first time).
     generator: None, a torch.Generator, an int seed or a list of generators / seeds (one per sample: sample i
     then depends only on its own seed, whatever the batch size). cond: keyword arguments for the network.
     guidance: a classifier-free guidance scale (the model is wrapped by `uf.guidance.classifier_free`).
@@ -240,15 +254,20 @@ def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | Non
     path = model.path
     t_max = float(getattr(model, "t_max", path.t_max))
     if isinstance(spacing, (torch.Tensor, list, tuple)):
+        if first_step is not None:
+            raise UnifuseError(f"first_step={first_step!r} applies to named spacings; a grid of times starts where "
+                               "its first time is (below the noise end: the analytic first step); drop first_step")
         ts, extra, nfe, prior = _user_grid(path, sampler, spacing, nfe, options)
     else:
         nfe = _check_nfe(spec.default_nfe if nfe is None else nfe)
         if spacing is None and sigma_min is None and sigma_max is None:  # the sampler's measured default grid
             default = _grids.default_grid(sampler, nfe)
             spacing, sigma_min, sigma_max = default.get("spacing"), default.get("sigma_min"), default.get("sigma_max")
+            first_step = first_step or default.get("first_step")
         plan = as_plan(plan, "uf.sample")
-        ts, extra, prior = _planned(model, sampler, nfe, spec.spacing if spacing is None else spacing,
-                                    dict(rho=rho, shift=shift, sigma_min=sigma_min, sigma_max=sigma_max, t_max=t_max),
+        grid_kw = dict(rho=rho, shift=shift, sigma_min=sigma_min, sigma_max=sigma_max, t_max=t_max,
+                       first_step=choose("first_step", first_step or "evaluated", FIRST_STEPS))
+        ts, extra, prior = _planned(model, sampler, nfe, spec.spacing if spacing is None else spacing, grid_kw,
                                     options, plan)
     if progress is None:  # a bar for long runs in a terminal
         progress = (nfe or 0) >= 100 and sys.stderr.isatty()

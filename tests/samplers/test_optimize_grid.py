@@ -68,10 +68,11 @@ def test_on_one_gaussian_no_worse_than_the_best_named_spacing(sampler):
     model = gm.model(p, "eps")
     nfe, test = 5, noise(256, 2)
 
+    a0, s0 = (float(f(torch.tensor(p.t_max, dtype=F64))) for f in (p.alpha, p.sigma))
+    x_T = test * s0  # the noise as a draw from the prior at the noise end (a grid starting lower reads it there)
+    exact = 0.3 + 0.5 / (a0**2 * 0.25 + s0**2) ** 0.5 * (x_T - a0 * 0.3)
+
     def error(x, grid0):
-        a0, s0 = (float(f(torch.tensor(grid0, dtype=F64))) for f in (p.alpha, p.sigma))
-        x_T = test * s0  # uf.sample reads the noise as a draw from the prior at the grid's start
-        exact = 0.3 + 0.5 / (a0**2 * 0.25 + s0**2) ** 0.5 * (x_T - a0 * 0.3)
         return float((x - exact).square().mean().sqrt())
 
     named = {}
@@ -87,16 +88,22 @@ def test_on_one_gaussian_no_worse_than_the_best_named_spacing(sampler):
 
 
 def test_defaults_come_from_the_table():
-    """Without a spacing, uf.sample jumps from the noise end to the table's sigma_max and ends at its sigma_min."""
+    """Without a spacing, uf.sample goes from the noise end to the table's sigma_max (by one evaluated step, or by
+    the free analytic one: the grid then starts there) and ends at its sigma_min."""
     p = uf.paths.get("ddpm-linear")
     model = MIX.model(p, "eps")
-    for nfe in (3, 5, 10):
+    for nfe in (3, 5, 8, 10):
         d = uf.samplers.default_grid("dpmpp_2m", nfe)
         _, info = uf.sample(model, noise(4, 0), "dpmpp_2m", nfe, return_info=True)
         sig = p.sigma_edm(torch.tensor(info["grid"][:-1], dtype=F64))
-        assert info["grid"][0] == p.t_max and len(info["grid"]) == nfe + 1
-        assert float(sig[1]) == pytest.approx(d["sigma_max"], rel=1e-6)
+        assert len(info["grid"]) == nfe + 1
+        if d["first_step"] == "analytic":
+            assert float(sig[0]) == pytest.approx(d["sigma_max"], rel=1e-6)
+        else:
+            assert info["grid"][0] == p.t_max and float(sig[1]) == pytest.approx(d["sigma_max"], rel=1e-6)
         assert float(sig[-1]) == pytest.approx(d["sigma_min"], rel=1e-6)
+    assert uf.samplers.default_grid("dpmpp_2m", 3)["first_step"] == "analytic"
+    assert uf.samplers.default_grid("dpmpp_2m", 10)["first_step"] == "evaluated"
     for nfe in (13, 20, 200):  # above FEW_STEP_MAX: the path's own range
         assert uf.samplers.default_grid("dpmpp_2m", nfe) == {"spacing": "logsnr"}
 
