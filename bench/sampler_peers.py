@@ -337,8 +337,9 @@ def digits_fd(run: str, K=None, nfes=(5, 10), n: int = 1000, diffusers_configs=N
     """Frechet distance (classifier features, to the held-out split, as `unifuse eval`) of a trained image run at
     each NFE: ours with defaults (the sampler picked on validation seeds), ours on optimize_grid grids (fitted to
     64 noises of seed 1000), and the best configuration of diffusers (on the network re-expressed on the DDPM-linear
-    path, exact at equal log-SNR) and of k-diffusion (the exact denoiser, full sigma range of each helper), each
-    picked by FD on validation samples (seed 0) and reported on test samples (seed 1)."""
+    path, exact at equal log-SNR, and its EDM schedulers on the network's own sigmas) and of k-diffusion (the exact
+    denoiser, full sigma range of each helper), each picked by FD on validation samples (seed 0) and reported on
+    test samples (seed 1)."""
     from unifuse.latent import find_codec
     from unifuse.training import find_checkpoint, load_model, read_meta
     from unifuse.training.demo import heldout_fd
@@ -371,6 +372,8 @@ def digits_fd(run: str, K=None, nfes=(5, 10), n: int = 1000, diffusers_configs=N
                 runs[("ours, optimize_grid", s)] = lambda z, s=s, g=g: uf.sample(model, z, s, spacing=g)
             for label, (cls, c) in (diffusers_configs() if diffusers_configs else {}).items():
                 runs[("diffusers", label)] = lambda z, cls=cls, c=c: diffusers_at(cls, c, nfe, eps_net, z)
+            for label, (cls, c) in (edm_diffusers_configs() if diffusers_configs else {}).items():
+                runs[("diffusers", label)] = lambda z, cls=cls, c=c: edm_diffusers_at(cls, c, nfe, model, z)
             for c in kcfg:
                 runs[("k-diffusion", kd_label(c))] = lambda z, c=c: kd_at(K, c, nfe, model, z)
             val = {k: fd(f(noise["val"])) for k, f in runs.items()}
@@ -385,6 +388,37 @@ def digits_fd(run: str, K=None, nfes=(5, 10), n: int = 1000, diffusers_configs=N
                   flush=True)
         conv = heldout_fd(images(uf.sample(model, noise["test"], "unipc", 100)), name)  # the network's own limit
     return {"run": folder, "data": name, "n": n, "rows": out, "converged": conv["fd_heldout"], "floor": conv["fd_floor"]}
+
+
+def edm_diffusers_configs() -> dict:
+    """diffusers' EDM schedulers (Karras et al.'s sigmas, the network's own range 0.002-80): Euler and DPM-Solver++
+    2M/3M on the karras and exponential schedules: what a diffusers user picks for an EDM network."""
+    from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+
+    cfg = {f"EDM-Euler/{sch}": (EDMEulerScheduler, dict(sigma_schedule=sch)) for sch in ("karras", "exponential")}
+    for o in (2, 3):
+        for sch in ("karras", "exponential"):
+            cfg[f"EDM-DPM++{o}M/{sch}"] = (EDMDPMSolverMultistepScheduler, dict(solver_order=o, sigma_schedule=sch))
+    return cfg
+
+
+def edm_diffusers_at(cls, cfg, nfe, model, z):
+    """A diffusers EDM scheduler's loop (nfe steps, one call each) around our network: the scheduler hands the
+    network (c_in x, c_noise) and turns its raw output F into c_skip x + c_out F; we give it the F whose result is
+    our denoiser D(x, sigma), with c_skip and c_out read off its own `precondition_outputs` (linear in both)."""
+    edm = model.on(uf.paths.EDM())
+    sched = cls(**cfg)
+    sched.set_timesteps(nfe)
+    x, calls = z * sched.init_noise_sigma, 0
+    for t in sched.timesteps:
+        sched.scale_model_input(x, t)  # sets the scheduler's step index
+        sigma = sched.sigmas[sched.step_index].to(x.dtype)
+        d = edm.denoise(x, sigma.expand(x.shape[0]))
+        skip = sched.precondition_outputs(x, torch.zeros_like(x), sigma)
+        c_out = sched.precondition_outputs(torch.zeros_like(x), torch.ones_like(x), sigma)
+        x = sched.step((d - skip) / c_out, t, x).prev_sample
+        calls += 1
+    return x if calls == nfe and torch.isfinite(x).all() else None
 
 
 def _ours(model, z, s, nfe):
@@ -406,8 +440,9 @@ def digits_lines(res: dict, command: str) -> list:
              "reported on test samples (seed 1). Ours, defaults: `uf.sample(model, noise, sampler, nfe)` (the "
              "sampler picked on validation); ours, optimize_grid: grids fitted by `unifuse grid` defaults (64 noises "
              "of seed 1000); diffusers: its schedulers on the same network re-expressed on the DDPM-linear path "
-             "(`model.on(DDPM.linear())`, exact at equal log-SNR); k-diffusion: its samplers on the same network as a "
-             "denoiser D(x, sigma), each sigma helper over the full range.", "",
+             "(`model.on(DDPM.linear())`, exact at equal log-SNR), and its EDM schedulers (EDMEuler, EDM DPM-Solver++ 2M/3M "
+             "on karras and exponential sigmas, 0.002-80) around the network's denoiser; k-diffusion: its samplers on "
+             "the same network as a denoiser D(x, sigma), each sigma helper over the full range.", "",
              "| NFE | ours, defaults | ours, optimize_grid | diffusers best | k-diffusion best |", "|---|---|---|---|---|"]
     for nfe, r in sorted(res["rows"].items(), key=lambda kv: int(kv[0])):
         cell = lambda k: f"{r[k]['test']:.3f} ({r[k]['config']})" if k in r else "-"
