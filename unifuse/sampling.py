@@ -208,6 +208,19 @@ def _planned(model, sampler: str, nfe: int, spacing, grid_kw: dict, options: dic
     return ts, extra, prior
 
 
+def _grid_options(model, sampler: str, nfe: int, spacing, kw: dict, first_step) -> tuple:
+    """(spacing, grid keywords) of a named grid: the sampler's measured default grid (`default_grid`) when neither
+    spacing nor sigma range is given, else what was given (first_step "evaluated" unless asked)."""
+    if spacing is None and kw["sigma_min"] is None and kw["sigma_max"] is None:
+        default = _grids.default_grid(sampler, nfe)
+        spacing = default.get("spacing")
+        kw = dict(kw, sigma_min=default.get("sigma_min"), sigma_max=default.get("sigma_max"))
+        first_step = first_step or default.get("first_step")
+    t_max = float(getattr(model, "t_max", model.path.t_max))
+    kw = dict(kw, t_max=t_max, first_step=choose("first_step", first_step or "evaluated", FIRST_STEPS))
+    return _samplers.get(sampler).spacing if spacing is None else spacing, kw
+
+
 def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | None = None, *, spacing=None,
            generator=None, cond: dict | None = None, guidance=None, guidance_options: dict | None = None,
            return_trajectory: bool = False, return_info: bool = False, progress: bool | None = None,
@@ -220,12 +233,10 @@ def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | Non
     sigma range that `uf.samplers.default_grid` gives for this sampler and NFE (a first jump from the noise end
     to sigma_max, a final denoise at sigma_min), unless sigma_min or sigma_max is given; with either, the
     sampler's own spacing (e.g. "logsnr" for DPM-Solver).
-    first_step: how a named spacing gets from the noise end to sigma_max: "evaluated" (one step from the noise
-    end, with the network) or "analytic" (no evaluation: the denoiser at sigma >> 1 is almost the data mean, 0
-    for normalised data, so the noise is read at sigma_max; Zhou et al. 2024's analytical first step, one more
-    evaluation for the steps that matter). Default: the default grid's choice ("analytic" at few NFE) when no
-    spacing or sigma range is given, else "evaluated". A user grid starting below the noise end is read the
-    analytic way (the noise scaled to its first time).
+    first_step: from the noise end to sigma_max by one network step ("evaluated") or for free ("analytic": the
+    denoiser at sigma >> 1 taken as 0, the mean of normalised data, so the noise is read at sigma_max; Zhou et al.
+    2024). Default: the default grid's choice when no spacing or sigma range is given, else "evaluated". A user
+    grid that starts below the noise end is read the analytic way.
     generator: None, a torch.Generator, an int seed or a list of generators / seeds (one per sample: sample i
     then depends only on its own seed, whatever the batch size). cond: keyword arguments for the network.
     guidance: a classifier-free guidance scale (the model is wrapped by `uf.guidance.classifier_free`).
@@ -251,24 +262,17 @@ def sample(model, noise: torch.Tensor, sampler: str = "dpmpp_2m", nfe: int | Non
 
         model = classifier_free(model, guidance, **(guidance_options or {}))
     source = _samplers.NoiseSource(generator, noise.shape[0])  # a bad generator is refused before any work
-    path = model.path
-    t_max = float(getattr(model, "t_max", path.t_max))
     if isinstance(spacing, (torch.Tensor, list, tuple)):
         if first_step is not None:
             raise UnifuseError(f"first_step={first_step!r} applies to named spacings; a grid of times starts where "
                                "its first time is (below the noise end: the analytic first step); drop first_step")
-        ts, extra, nfe, prior = _user_grid(path, sampler, spacing, nfe, options)
+        ts, extra, nfe, prior = _user_grid(model.path, sampler, spacing, nfe, options)
     else:
         nfe = _check_nfe(spec.default_nfe if nfe is None else nfe)
-        if spacing is None and sigma_min is None and sigma_max is None:  # the sampler's measured default grid
-            default = _grids.default_grid(sampler, nfe)
-            spacing, sigma_min, sigma_max = default.get("spacing"), default.get("sigma_min"), default.get("sigma_max")
-            first_step = first_step or default.get("first_step")
         plan = as_plan(plan, "uf.sample")
-        grid_kw = dict(rho=rho, shift=shift, sigma_min=sigma_min, sigma_max=sigma_max, t_max=t_max,
-                       first_step=choose("first_step", first_step or "evaluated", FIRST_STEPS))
-        ts, extra, prior = _planned(model, sampler, nfe, spec.spacing if spacing is None else spacing, grid_kw,
-                                    options, plan)
+        spacing, grid_kw = _grid_options(model, sampler, nfe, spacing, dict(rho=rho, shift=shift, sigma_min=sigma_min,
+                                                                              sigma_max=sigma_max), first_step)
+        ts, extra, prior = _planned(model, sampler, nfe, spacing, grid_kw, options, plan)
     if progress is None:  # a bar for long runs in a terminal
         progress = (nfe or 0) >= 100 and sys.stderr.isatty()
     x = noise * prior
