@@ -158,3 +158,20 @@ def test_ddp_rule_gives_single_process_gradient(tmp_path):
         assert float(ref.abs().max()) > 0
         assert torch.equal(g0, g1)
         assert (g0 - ref).abs().max() < 1e-12
+
+
+def test_absolute_step_is_the_secant():
+    """step = s: (f(p + s v) - f(p - s v)) / 2s, which for f = x^3 + t^2 x is f'(p) v + s^2 f'''[v, v, v] / 6 exactly:
+    3 x^2 v + 2 t w x + t^2 v + s^2 (v^3 + w^2 v)."""
+    def fn(x, t):
+        return x ** 3 + (t ** 2)[:, None] * x
+
+    x, v = torch.randn(6, 3, dtype=F64), torch.randn(6, 3, dtype=F64)
+    t, w = torch.rand(6, dtype=F64), torch.randn(6, dtype=F64)
+    for s in (0.3, 0.05):
+        out, tan = jvp(fn, (x, t), (v, w), method="fd", step=s)
+        exact = 3 * x ** 2 * v + 2 * (t * w)[:, None] * x + (t ** 2)[:, None] * v + s ** 2 * (v ** 3 + (w ** 2)[:, None] * v)
+        assert torch.equal(out, fn(x, t)) and (tan - exact).abs().max() < 1e-12
+    for bad in (dict(method="autodiff", step=0.1), dict(method="fd", step=0.0), dict(method="auto", step=float("nan"))):
+        with pytest.raises(UnifuseError, match="absolute step"):
+            jvp(fn, (x, t), (v, w), **bad)

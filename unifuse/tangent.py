@@ -17,6 +17,9 @@ computed without an autograd graph (both results are detached: callers use them 
               draws the same masks in all three; the random state then advances as after one call of f.
               Cost on CPU (torch 2.13, a small MLP): autodiff ~8-10 forwards (per-op overhead of the forward-mode
               formulas), fd 3 forwards; jvp="fd" is the faster choice for CPU runs of small networks.
+    step      (with fd / auto) an absolute step s along the tangents: the secant (f(p + s v) - f(p - s v)) / 2s,
+              the derivative averaged over [-s, s], for targets that must not see a network's high-frequency
+              errors (sCM's tangent in log sigma: objectives.scm)
     auto      autodiff; on its first failure (an op without a forward-mode formula raises NotImplementedError
               or RuntimeError) warn once and use fd for the rest of the process (`reset_fallback` forgets).
 
@@ -69,14 +72,21 @@ def default_h(dtype: torch.dtype) -> float:
 
 
 def jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor], *,
-        method: str = "auto", h: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        method: str = "auto", h: float | None = None, step: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(fn(*primals), directional derivative of fn at primals along tangents), both detached.
 
     primals: floating tensors (pass integer inputs such as class labels through a closure); tangents: one per
     primal, broadcastable to it. method "auto" | "autodiff" | "fd"; h: the relative finite-difference step.
+    step: an absolute step s > 0 along the tangents (with method "fd" or "auto"): the secant
+    (fn(p + s v) - fn(p - s v)) / 2s, the derivative of fn averaged over the window [-s, s] (`secant`).
     """
     choose("jvp method", method, METHODS)
     primals, tangents = _check(primals, tangents)
+    if step is not None:
+        if method == "autodiff" or not (step > 0 and math.isfinite(step)):
+            raise UnifuseError(f"an absolute step needs method 'fd' or 'auto' and a finite step > 0, got "
+                               f"method={method!r}, step={step!r}")
+        return _fd(fn, primals, tangents, None, absolute=float(step))
     if method == "fd" or (method == "auto" and _FALLBACK["reason"] is not None):
         return _fd(fn, primals, tangents, h)
     try:
@@ -118,8 +128,9 @@ def _devices(primals) -> list:
     return sorted({p.device.index or 0 for p in primals if p.device.type == "cuda"})
 
 
-def _fd(fn, primals, tangents, h):
-    """Central difference along the tangents, the three calls of fn under one random state."""
+def _fd(fn, primals, tangents, h, absolute: float | None = None):
+    """Central difference along the tangents, the three calls of fn under one random state (step: relative h, or
+    `absolute`)."""
     devices = _devices(primals)
     v_scale = max(_rms(v) for v in tangents)
     with torch.no_grad():
@@ -128,8 +139,11 @@ def _fd(fn, primals, tangents, h):
         if v_scale == 0.0 or not math.isfinite(v_scale):
             fill = 0.0 if v_scale == 0.0 else math.nan
             return out, torch.full_like(out, fill)
-        step = h if h is not None else default_h(out.dtype)
-        step = step * max(1.0, max(_rms(p) for p in primals)) / v_scale
+        if absolute is not None:
+            step = absolute
+        else:
+            step = h if h is not None else default_h(out.dtype)
+            step = step * max(1.0, max(_rms(p) for p in primals)) / v_scale
         with torch.random.fork_rng(devices=devices):
             plus = _shifted(fn, primals, tangents, step)
         minus = _shifted(fn, primals, tangents, -step)  # outside a fork: the state advances as after one call

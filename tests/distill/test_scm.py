@@ -143,3 +143,25 @@ def test_few_hundred_steps_approach_the_data(tmp_path, cls):
     after2 = sliced_wasserstein(two.double(), ref)
     print(f"{cls.name} sliced W: teacher one step {before:.4f}, 1 step {after:.4f}, 2 steps {after2:.4f}")
     assert after < 0.6 * before and after2 < before
+
+
+def test_freeze_time_keeps_the_teacher_time_embedding(tmp_path):
+    """freeze_time (the default): the MLP that reads sinusoidal(c_noise) keeps the teacher's weights under AdamW on
+    all parameters (zero gradients, zero moments, a zero step), so the student's time features e(t) stay the
+    teacher's; every other weight trains. freeze_time=False trains them too."""
+    for freeze in (True, False):
+        model, net = student()
+        ctx = context(tmp_path, model, net)
+        m = SCD(freeze_time=freeze, jvp="fd")
+        m.setup(ctx)
+        time0 = [p.detach().clone() for p in net.embed.time.parameters()]
+        rest0 = [p.detach().clone() for n, p in net.named_parameters() if not n.startswith("embed.time")]
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
+        for step in range(3):
+            x = GM.sample(32, generator=torch.Generator().manual_seed(step))[0].float()
+            m.loss(ctx, x, {}, generator=torch.Generator().manual_seed(10 + step), step=1000).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        kept = all(torch.equal(a, b) for a, b in zip(time0, net.embed.time.parameters()))
+        rest = [p for n, p in net.named_parameters() if not n.startswith("embed.time")]
+        assert kept == freeze and all(not torch.equal(a, b) for a, b in zip(rest0, rest) if a.numel() > 1)

@@ -99,7 +99,7 @@ def test_exact_consistency_field_has_zero_tangent():
     assert float(g.abs().max()) < 1e-10
     F, cs_dFdt = trigflow_tangent(model, x, t, dxdt, method="fd")
     assert float(scm_tangent(F, cs_dFdt, x, t, dxdt, SD).abs().max()) < 1e-8
-    loss = SCTLoss(warmup=0, adaptive=False, jvp="autodiff")
+    loss = SCTLoss(warmup=0, adaptive=False, jvp="autodiff", window=0)
     data = GAUSS.sample(64, generator=torch.Generator().manual_seed(2))[0]
     assert float(loss(model, data, teacher=teacher, generator=torch.Generator().manual_seed(3)).max()) < 1e-18
 
@@ -180,9 +180,9 @@ def test_nan_rows_are_dropped():
     t = torch.tensor([0.7, 0.3, 0.9, 1.2], dtype=F64)
     model = DiffusionModel(KinkNet(0.7), PATH, "trigflow", sigma_data=SD)
     x = GAUSS.sample(4, generator=torch.Generator().manual_seed(0))[0]
-    terms = SCTLoss(jvp="autodiff").terms(model, x, t=t, generator=torch.Generator().manual_seed(1), step=2000)
+    terms = SCTLoss(jvp="autodiff", window=0).terms(model, x, t=t, generator=torch.Generator().manual_seed(1), step=2000)
     assert terms.ok.tolist() == [False, True, True, True] and float(terms.mse[0]) == 0.0
-    out = SCTLoss(jvp="autodiff")(model, x, generator=torch.Generator().manual_seed(1))
+    out = SCTLoss(jvp="autodiff", window=0)(model, x, generator=torch.Generator().manual_seed(1))
     out.mean().backward()
     assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
 
@@ -199,5 +199,74 @@ def test_bad_paths_are_named():
 def test_loss_is_the_same_with_autodiff_and_finite_differences():
     model = mlp_model()
     x = MIXTURE.sample(32, generator=torch.Generator().manual_seed(0))[0]
-    out = [SCTLoss(warmup=0, jvp=m)(model, x, generator=torch.Generator().manual_seed(1)) for m in ("autodiff", "fd")]
+    out = [SCTLoss(warmup=0, jvp=m, window=0)(model, x, generator=torch.Generator().manual_seed(1)) for m in ("autodiff", "fd")]
     assert float(out[0].min()) > 1e-3 and (out[0] - out[1]).abs().max() < 1e-7 * float(out[0].max())
+
+
+class WiggleNet(nn.Module):
+    """F = F_cm* + a sin(omega log sigma_edm): the exact consistency field plus the high-frequency error in t that a
+    network fitted only at sampled times keeps when its time embedding is sinusoidal(c_noise), c_noise = 250 log
+    sigma (EDM's, top frequency 1: omega = 250 per unit of log sigma)."""
+
+    def __init__(self, gm: GaussianMixture, a: float, omega: float):
+        super().__init__()
+        self.exact, self.a, self.omega = ExactConsistencyNet(gm), a, omega
+
+    def forward(self, x_in, t):
+        return self.exact(x_in, t) + self.a * torch.sin(self.omega * torch.log(SD * torch.tan(t)))[:, None]
+
+
+def secant_g(model, x, t, dxdt, window, t_max=math.pi / 2):
+    F, cs_dFdt = trigflow_tangent(model, x, t, dxdt, method="fd", window=window, t_max=t_max)
+    return scm_tangent(F, cs_dFdt, x, t, dxdt, SD)
+
+
+def test_secant_tangent_is_second_order_on_the_exact_consistency_field():
+    """On F_cm* (g = 0 exactly) the secant over +-w in log sigma along the pre-scaled tangent leaves g = O(w^2):
+    halving w divides g by 4 (the straight line leaves the curved PF-ODE by O(w^2))."""
+    model, teacher = exact_cm(GAUSS), GAUSS.model(PATH, "x0")
+    x, t = noisy(GAUSS, n=256, lo=0.05, hi=1.5)
+    dxdt = teacher.predict(x, t, "velocity")
+    sizes = [float(secant_g(model, x, t, dxdt, w).abs().max()) for w in (0.1, 0.05, 0.025)]
+    assert sizes[0] < 0.05 and 3.6 < sizes[0] / sizes[1] < 4.4 and 3.6 < sizes[1] / sizes[2] < 4.4
+
+
+def test_secant_bounds_the_tangent_of_high_frequency_time_errors():
+    """F = F_cm* + e, e = a sin(omega L), L = log sigma_edm: along the pre-scaled tangent dL/ds = 1, so the pointwise
+    tangent carries sigma_d a omega cos(omega L) (omega = 250: 250 times the error itself), while the secant's part
+    |e(L + w) - e(L - w)| / 2w <= a / w. Hence |g| <= sigma_d a (cos^2 t + 1 / w) + the O(w^2) bias, whatever omega."""
+    a, omega, w = 0.01, 250.0, 0.1
+    teacher = GAUSS.model(PATH, "x0")
+    model = DiffusionModel(WiggleNet(GAUSS, a, omega), PATH, "trigflow", sigma_data=SD)
+    x, t = noisy(GAUSS, n=256, lo=0.05, hi=1.5)
+    dxdt = teacher.predict(x, t, "velocity")
+    F, cs_dFdt = trigflow_tangent(model, x, t, dxdt, method="autodiff")
+    pointwise = scm_tangent(F, cs_dFdt, x, t, dxdt, SD)
+    L = torch.log(SD * torch.tan(t))
+    expected = -SD * a * (torch.cos(t) ** 2 * torch.sin(omega * L) + omega * torch.cos(omega * L))
+    assert (pointwise - col(expected, x)).abs().max() < 1e-8  # the error term, exactly
+    assert float(pointwise.abs().max()) > 0.9 * SD * a * omega
+    bias = float(secant_g(exact_cm(GAUSS), x, t, dxdt, w).abs().max())
+    secant = secant_g(model, x, t, dxdt, w)
+    assert float(secant.abs().max()) <= SD * a * (1 + 1 / w) + bias + 1e-9
+
+
+def test_secant_window_narrows_at_the_ends():
+    """Rows whose window would leave [0, t_max] take a narrower one: every evaluation stays inside, and on a field
+    linear in (x, t) the secant is the exact tangent for any window."""
+    seen = []
+
+    class Linear(nn.Module):
+        def forward(self, x_in, t):
+            seen.append(t.detach().clone())
+            return 0.3 * x_in + 0.7 * t[:, None]
+
+    model = DiffusionModel(Linear(), PATH, "trigflow", sigma_data=SD)
+    t = torch.tensor([1e-4, 0.5, 1.19, 1.1999], dtype=F64)
+    x, v = torch.randn(4, 2, dtype=F64), torch.randn(4, 2, dtype=F64)
+    _, tan = trigflow_tangent(model, x, t, v, method="fd", window=0.5, t_max=1.2)
+    cs = col(torch.cos(t) * torch.sin(t), x)
+    assert (tan - cs * (0.3 * v / SD + 0.7)).abs().max() < 1e-9
+    assert float(torch.cat(seen).min()) > 0 and float(torch.cat(seen).max()) < 1.2
+    with pytest.raises(UnifuseError, match="window=0"):
+        SCTLoss(jvp="autodiff")

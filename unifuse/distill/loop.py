@@ -59,9 +59,10 @@ def distill_config(teacher: str, method: str | None = None, overrides=(), *, ste
     kind = "toy" if tcfg.data.name in TOYS else tcfg.data.name if tcfg.data.name in DISTILL_PARTS else "digits"
     d = DISTILL_PARTS[kind]
     budget = dict(steps=steps if steps is not None else (10**6 if minutes else 2000), minutes=minutes or 0.0)
+    lr_scale = getattr(method_class(name), "lr_scale", 1.0)  # a method's own factor on the data set's rate
     cfg = replace(tcfg, name=f"{tcfg.name}-{name}", description=f"{name} distillation of {tcfg.name}",
                   distill=DistillConfig(method=name, teacher=str(teacher)),
-                  optim=replace(tcfg.optim, lr=d["lr"], warmup_steps=d["warmup_steps"], decay_after=0, cooldown=0.0,
+                  optim=replace(tcfg.optim, lr=d["lr"] * lr_scale, warmup_steps=d["warmup_steps"], decay_after=0, cooldown=0.0,
                                 ema_halflife=d["ema_halflife"], posthoc_ema=False, accumulate=1),
                   train=replace(tcfg.train, **budget, seed=tcfg.train.seed if seed is None else seed,
                                 ckpt_every=500, sample_every=250, clock="wall"))

@@ -28,12 +28,37 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from ..errors import UnifuseError
 from ..objectives.scm import T_CLAMP, SCTLoss, trigflow_sigma_d
 from .base import Context
 
 HALF_PI = math.pi / 2
+
+
+def time_embedding_parameters(net: nn.Module) -> list:
+    """The parameters that read the sinusoidal features of the noise label: `embed.time` of the library's networks
+    (layers.ConditionEmbedding in MLP, UNet, DiT) and `time_embedding` of a diffusers UNet."""
+    from ..nets.layers import ConditionEmbedding
+
+    params = []
+    for name, module in net.named_modules():
+        if isinstance(module, ConditionEmbedding):
+            params += list(module.time.parameters())
+        elif name.split(".")[-1] == "time_embedding":
+            params += list(module.parameters())
+    return params
+
+
+def freeze_time_embedding(net: nn.Module) -> int:
+    """Keep the time-embedding MLP at its initial (the teacher's) weights: their gradients are replaced by zeros
+    (a hook, so data-parallel gradient averaging sees the same parameters on every rank; Adam then moves them by
+    0 / (0 + eps) = 0, exactly, with weight_decay = 0). Returns how many tensors were frozen."""
+    params = time_embedding_parameters(net)
+    for p in params:
+        p.register_hook(torch.zeros_like)
+    return len(params)
 
 
 @dataclass
@@ -46,7 +71,18 @@ class SCT:
     zero-initialised head that must follow the loss within a short run), prior_weighting = False (sCM-mnist finds
     1/(sigma_d tan t) destabilising), jvp = "auto" (torch.func.jvp on a GPU, central differences on a CPU,
     where forward-mode AD costs 8-10 forwards against 2; central differences also where an op has no forward-mode
-    formula; "fd" and "autodiff" force one), t_mid = 1.1 for two steps (card 18, unverified), evaluation EMA on.
+    formula; "fd" and "autodiff" force one), window = 0.1 (the tangent is the secant over +-0.1 in log sigma:
+    `objectives.scm`; 0 with jvp="autodiff" for the pointwise derivative), t_mid = 1.1 for two steps (card 18,
+    unverified), evaluation EMA on.
+
+    Stability on the library's networks (issue 13). Their time embedding is sinusoidal(c_noise) with c_noise = 250
+    log sigma (EDM teachers): the paper's unstable case (large time-embedding frequencies). The sCM target carries
+    the student's own d/dt, so high-frequency structure in t that training adds feeds back: on the 2-D 8-gaussians
+    teacher the pointwise tangent of the student grew 3.7 -> 268 within 1,500 steps and the one-step samples
+    diverged once r -> 1. Three defaults stop it: the secant tangent (window), freeze_time = True (the MLP that
+    reads the sinusoidal features, `embed.time`, keeps the teacher's weights, so training cannot add new
+    frequencies in t; with it the tangent stayed at 4-9 over the same run), and lr_scale = 0.2 (the loop's rate is
+    the data set's distillation rate times this: 1e-4 on 2-D data, 4e-5 on digits; the paper's small rate).
 
     The two-step grid: `uf.sample(student, noise, "consistency", spacing=method.sample_times(2, sigma_d))` uses it; a run's
     config stores `sample.spacing` as a name, so `unifuse sample` uses the consistency sampler's Karras grid until
@@ -62,11 +98,14 @@ class SCT:
     head_lr: float = 1e-3
     prior_weighting: bool = False
     jvp: str = "auto"
+    window: float = 0.1
+    freeze_time: bool = True
     t_mid: float = 1.1
     ema: bool = True
     student_path: str | None = "trigflow"
     student_prediction: str | None = None
     name: ClassVar[str] = "sct"
+    lr_scale: ClassVar[float] = 0.2
     sampler: ClassVar[str] = "consistency"
     spacing: ClassVar[str] = "renoise"
     nfe: ClassVar[tuple | None] = None
@@ -81,11 +120,14 @@ class SCT:
         if self.head_lr <= 0:
             raise UnifuseError(f"head_lr must be positive, got {self.head_lr}")
         self.objective = SCTLoss(self.P_mean, self.P_std, self.warmup, self.c, self.norm, self.adaptive,
-                                 self.prior_weighting, self.jvp)
+                                 self.prior_weighting, self.jvp, window=self.window)
 
     def setup(self, ctx: Context) -> None:
-        """Check the student's TrigFlow sigma_d; register the adaptive-weight head and its optimizer."""
+        """Check the student's TrigFlow sigma_d; keep the teacher's time embedding (`freeze_time`); register the
+        adaptive-weight head and its optimizer."""
         trigflow_sigma_d(ctx.student)
+        if self.freeze_time:
+            freeze_time_embedding(ctx.student_net)
         if self.jvp == "auto" and ctx.device.type == "cpu":  # forward-mode AD costs ~8-10 forwards on CPU; fd two
             self.objective.jvp = "fd"
         head = self.objective.head

@@ -26,6 +26,20 @@ The tangent is passed pre-scaled by cos t sin t, so the JVP returns cos t sin t 
 cos t sin t (F(x + h dxdt, t + h) - F(x - h dxdt, t - h)) / 2h (tests/objectives/test_scm.py checks both
 conventions), which settles NVlabs/Sana#327: the "pre-scaled" code is right because its tangents carry cos t sin t.
 
+The tangent is a secant by default (`window` = 0.1). One unit along the pre-scaled tangent moves log sigma_edm =
+log(sigma_d tan t) by exactly 1 (d/dt log tan t = 1 / (cos t sin t)), so
+
+    cos t sin t dF^-/dt  ~  (F^-(x_t + w cs dx_t/dt, t + w cs) - F^-(x_t - w cs dx_t/dt, t - w cs)) / 2w,   cs = cos t sin t
+
+is the derivative averaged over +-w in log sigma along the PF-ODE's tangent line (bias O(w^2): the line leaves the
+curved ODE; tests/objectives/test_scm.py). Why: the library's networks see sinusoidal(c_noise) with frequencies up
+to 1 and c_noise = 250 log sigma (EDM) or 1000 t / (pi/2) (TrigFlow), periods of 0.025 in log sigma. A network
+fitted at sampled times carries errors e(t) of that period, and the pointwise tangent multiplies them by ~250:
+on the 2-D 8-gaussians EDM teacher the pointwise cos t sin t dF/dt was off by 0.4-7 (true size 0.2-1.6), the
+secant with w = 0.1 by 0.1-0.5 (the teacher's own error). A high-frequency error of size a adds at most a / w to
+the secant; the paper avoids the error instead (c_noise = t, low-frequency embeddings), which a teacher's weights
+cannot. window = 0 gives the pointwise derivative (jvp = "autodiff" needs it).
+
 Numerics (card 18 pitfalls): g is formed in float64; rows where F^- or g is not finite are dropped (loss 0, as
 rCM does); the JVP runs on the bare network (`tangent.unwrap`: a JVP through DDP skips gradient sync) and under
 the online forward's random state (same dropout masks); `jvp` = "auto" | "autodiff" | "fd" (unifuse.tangent).
@@ -91,17 +105,30 @@ def _col(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def trigflow_tangent(model: DiffusionModel, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor,
-                     cond: dict | None = None, *, method: str = "auto", h: float | None = None):
+                     cond: dict | None = None, *, method: str = "auto", h: float | None = None,
+                     window: float = 0.0, t_max: float = HALF_PI):
     """(F^-(x_t, t), cos t sin t dF^-/dt) without gradients: the JVP of (x, t) -> model.predict(x, t, "trigflow")
-    along the pre-scaled tangent cos t sin t (dx_t/dt, 1), x in the path's units (see the module docstring)."""
+    along the pre-scaled tangent cos t sin t (dx_t/dt, 1), x in the path's units (see the module docstring).
+
+    window > 0: the secant over +-window along that tangent instead of the pointwise derivative. One unit along the
+    pre-scaled tangent moves log sigma_edm = log(sigma_d tan t) by exactly 1 to first order (d/dt log tan t =
+    1 / (cos t sin t)), so the window is a half-width in log sigma: the points are x_t +- w cos t sin t dx_t/dt at
+    t +- w cos t sin t, on the PF-ODE through x_t. Rows whose window would leave [0, t_max] use a narrower one
+    (the tangent is linear in its direction: the secant along k v, divided by k)."""
     cond = cond or {}
     bare = bare_model(model)
     cs = torch.cos(t) * torch.sin(t)
+    k = torch.ones_like(cs)
+    if window > 0:
+        room = torch.minimum(t, torch.as_tensor(t_max, dtype=t.dtype, device=t.device) - t).clamp(min=0)
+        k = (0.99 * room / (window * cs)).clamp(1e-6, 1.0)
 
     def field(x, s):
         return bare.predict(x, s, "trigflow", **cond)
 
-    return tangent_jvp(field, (x_t, t), (_col(cs, x_t).to(x_t.dtype) * dxdt.to(x_t.dtype), cs), method=method, h=h)
+    v_x, v_t = _col(k * cs, x_t).to(x_t.dtype) * dxdt.to(x_t.dtype), k * cs
+    F, tan = tangent_jvp(field, (x_t, t), (v_x, v_t), method=method, h=h, step=window if window > 0 else None)
+    return F, tan / _col(k, tan).to(tan.dtype) if window > 0 else tan
 
 
 def scm_tangent(F: torch.Tensor, cs_dFdt: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor,
@@ -157,20 +184,24 @@ class SCTLoss(nn.Module):
     warm-up (sCM-mnist's; FastGen's 10k is for ImageNet-scale budgets and would keep r < 1 through a whole
     small-data run of a few thousand steps); adaptive = True (the paper's learned weighting; this module holds the
     head, so an optimizer must train `self.parameters()`); prior_weighting = False (1/(sigma_d tan t), FastGen's; the
-    sCM-mnist README finds it destabilising); jvp = "auto" (forward-mode autodiff, finite differences on failure).
+    sCM-mnist README finds it destabilising); jvp = "auto" (forward-mode autodiff, finite differences on failure);
+    window = 0.1 (the secant tangent over +-0.1 in log sigma, see the module docstring; 0: the pointwise one).
     """
 
     def __init__(self, P_mean: float = -1.0, P_std: float = 1.4, warmup: int = 1000, c: float = 0.1,
                  norm: str = "l2", adaptive: bool = True, prior_weighting: bool = False, jvp: str = "auto",
-                 h: float | None = None):
+                 h: float | None = None, window: float = 0.1):
         super().__init__()
         choose("sCM tangent norm", norm, NORMS)
         choose("jvp method", jvp, JVP_METHODS)
-        if P_std <= 0 or c < 0 or warmup < 0:
-            raise UnifuseError(f"sCM options need P_std > 0, c >= 0 and warmup >= 0, got P_std={P_std}, c={c}, "
-                               f"warmup={warmup}")
+        if P_std <= 0 or c < 0 or warmup < 0 or not 0 <= window < 1:
+            raise UnifuseError(f"sCM options need P_std > 0, c >= 0, warmup >= 0 and 0 <= window < 1, got "
+                               f"P_std={P_std}, c={c}, warmup={warmup}, window={window}")
+        if jvp == "autodiff" and window > 0:
+            raise UnifuseError(f"jvp='autodiff' takes the pointwise derivative, window={window} a secant; set "
+                               "window=0 for autodiff, or jvp='fd' / 'auto' for the secant")
         self.P_mean, self.P_std, self.warmup, self.c, self.norm = float(P_mean), float(P_std), int(warmup), float(c), norm
-        self.prior_weighting, self.jvp, self.h = bool(prior_weighting), jvp, h
+        self.prior_weighting, self.jvp, self.h, self.window = bool(prior_weighting), jvp, h, float(window)
         self.head = AdaptiveWeight() if adaptive else None
 
     def warmup_ratio(self, step: int) -> float:
@@ -188,8 +219,8 @@ class SCTLoss(nn.Module):
         cond = cond or {}
         sd = trigflow_sigma_d(model)
         path = model.path
+        top = min(float(getattr(m, "t_max", HALF_PI)) for m in (model, teacher) if m is not None)
         if t is None:
-            top = min(float(getattr(m, "t_max", HALF_PI)) for m in (model, teacher) if m is not None)
             t = scm_times(x.shape[0], path, self.P_mean, self.P_std, generator=generator, device=x.device, t_max=top)
         t = t.to(device=x.device, dtype=F64)
         noise = draw_noise(x, generator)
@@ -200,7 +231,8 @@ class SCTLoss(nn.Module):
             with torch.no_grad():
                 dxdt = teacher.predict(x_t.to(x.dtype), t, "velocity", **cond).to(F64)
         with _same_random_state(x.device):
-            F_minus, cs_dFdt = trigflow_tangent(model, x_t.to(x.dtype), t, dxdt, cond, method=self.jvp, h=self.h)
+            F_minus, cs_dFdt = trigflow_tangent(model, x_t.to(x.dtype), t, dxdt, cond, method=self.jvp, h=self.h,
+                                                window=self.window, t_max=top)
         F = model.predict(x_t.to(x.dtype), t, "trigflow", **cond)
         g = scm_tangent(F_minus, cs_dFdt, x_t, t, dxdt, sd, self.warmup_ratio(step))
         g = normalize_tangent(g, self.c, self.norm)
