@@ -224,15 +224,6 @@ def gits_path(table: GitsTable, steps: int, analytic_first: bool = False) -> tor
     return torch.cat([table.cand[idx], torch.tensor([table.t_min], dtype=F64)])
 
 
-def gits_grid(model, noise, steps: int, candidates: int = 48, refine: int = 4, cond=None, start=None,
-              analytic_first: bool = False):
-    """GITS (Chen et al. 2024): the `steps`-step grid from the noise end to the data that minimises the summed
-    one-step (DDIM) errors along a reference trajectory (`gits_table`, `gits_path`). Returns (grid, reference
-    samples)."""
-    table = gits_table(model, noise, candidates, refine, cond, start)
-    return gits_path(table, steps, analytic_first), table.x_ref
-
-
 def _error(model, noise, sampler, grid, x_ref, cond, options) -> float:
     from ..sampling import sample
 
