@@ -15,7 +15,7 @@ import math
 import torch
 
 import unifuse as uf
-from unifuse.testing import GaussianMixture
+from unifuse.testing import CountingNet, GaussianMixture
 
 F64 = torch.float64
 KD_SAMPLERS = ("euler", "heun", "lms", "dpm_2", "dpmpp_2s_ancestral", "dpmpp_3m_sde", "dpmpp_2m", "dpm_fast",
@@ -50,18 +50,6 @@ def heavy_lowrank() -> GaussianMixture:
 
 
 # --- k-diffusion ------------------------------------------------------------------------------------------------------
-class Counting(torch.nn.Module):
-    """A k-diffusion denoiser that counts its calls."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.calls = inner, 0
-
-    def forward(self, x, sigma, **kw):
-        self.calls += 1
-        return self.inner(x, sigma, **kw)
-
-
 class Denoiser(torch.nn.Module):
     """D(x_sigma, sigma) of a `uf.DiffusionModel` on any path, exactly (no quantisation of time)."""
 
@@ -106,7 +94,7 @@ def kd_sigmas(K, helper: str, n: int, lo, hi, path, denoiser=None):
 
 def kd_run(K, name: str, model, x, sigmas, n):
     """(samples, network calls) of k-diffusion's sampler `name` (eta = 0 where it has noise)."""
-    m = Counting(model)
+    m = CountingNet(model)
     S = K.sampling
     if name == "dpm_fast":
         out = S.sample_dpm_fast(m, x, float(sigmas[-2]), float(sigmas[0]), n, disable=True)

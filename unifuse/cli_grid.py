@@ -6,7 +6,7 @@
 The file is JSON (readable, diffable, no code on load): {"sampler", "nfe", "path" (the run's path),
 "grid": [t_0, ..., t_K] (native times, float64; t_K = the data end), "sigma": [sigma/alpha at each time],
 "run", "fit" (the fitting batch, cost and errors)}. Fitting costs about n x (reference_nfe + 48 + nfe x
-(6 + max_evals)) network evaluations (`optimize_grid`); the fitting noise uses --seed (default 1000), apart
+(8 + max_evals)) network evaluations (`optimize_grid`); the fitting noise uses --seed (default 1000), apart
 from the seeds samples use by default.
 """
 from __future__ import annotations

@@ -13,23 +13,13 @@ import torch
 
 import unifuse as uf
 from unifuse.samplers.grids import GitsTable, gits_path
-from unifuse.testing import GaussianMixture
+from unifuse.testing import CountingNet, GaussianMixture
 
 F64 = torch.float64
 D, S = 4, 0.5
 GAUSS = GaussianMixture(torch.ones(1, dtype=F64), torch.zeros(1, D, dtype=F64), S)
 PATHS = {"ddpm-linear": "eps", "edm": "edm", "rf": "velocity", "trigflow": "v"}
 Z = torch.randn(64, D, generator=torch.Generator().manual_seed(0), dtype=F64)
-
-
-class Counting(torch.nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.calls = net, 0
-
-    def forward(self, *args, **kw):
-        self.calls += 1
-        return self.net(*args, **kw)
 
 
 def through(top, sig_end):
@@ -43,7 +33,7 @@ def through(top, sig_end):
 @pytest.mark.parametrize("hi", [2.0, 10.0])
 def test_the_analytic_start_is_the_exact_flow_of_noise_read_at_sigma_max(path, hi):
     p = uf.paths.get(path)
-    counting = Counting(GAUSS.model(p, PATHS[path]).net)
+    counting = CountingNet(GAUSS.model(p, PATHS[path]).net)
     model = uf.DiffusionModel(counting, p, PATHS[path])
     sig = lambda t: float(p.sigma_edm(torch.tensor(t, dtype=F64)))
     x, info = uf.sample(model, Z, "unipc", 100, spacing="logsnr", sigma_max=hi, sigma_min=1e-3,
@@ -69,7 +59,7 @@ def test_default_rows_marked_analytic_start_at_sigma_max_and_count_exactly():
     for sampler in uf.samplers.grids.DEFAULT_TABLE:
         for nfe in range(3, uf.samplers.grids.FEW_STEP_MAX + 1):
             d = uf.samplers.default_grid(sampler, nfe)
-            counting = Counting(GAUSS.model(p, "eps").net)
+            counting = CountingNet(GAUSS.model(p, "eps").net)
             try:
                 _, info = uf.sample(uf.DiffusionModel(counting, p, "eps"), Z[:4], sampler, nfe, return_info=True)
             except uf.UnifuseError:  # a budget this sampler refuses (named in one line, tested elsewhere)

@@ -6,7 +6,7 @@ import torch
 
 import unifuse as uf
 from unifuse.paths import SPACINGS
-from unifuse.testing import GaussianMixture
+from unifuse.testing import CountingNet, GaussianMixture
 
 F64 = torch.float64
 D = 4
@@ -14,18 +14,6 @@ PATHS = {"ddpm-linear": "eps", "vp-linear": "eps", "ve": "eps", "edm": "edm", "r
 MEANS = torch.tensor([[0.5, -0.5, 0.5, 0.5], [-0.5, 0.5, -0.5, 0.5]], dtype=F64)
 MIX = GaussianMixture(torch.tensor([0.5, 0.5], dtype=F64), MEANS, 0.1)
 FAST = dict(reference_nfe=64, candidates=16, max_evals=12)
-
-
-class Counting(torch.nn.Module):
-    """The oracle network, counting its calls (one call = one network evaluation of the batch)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.calls = net, 0
-
-    def forward(self, *args, **kw):
-        self.calls += 1
-        return self.net(*args, **kw)
 
 
 def noise(n, seed):
@@ -41,7 +29,7 @@ def test_a_fitted_grid_is_valid_on_every_path_and_costs_exactly_nfe(path):
     assert grid.dtype == F64 and grid.ndim == 1 and grid.numel() == nfe + 1  # nfe steps, the last to the data
     assert bool((grid[1:] < grid[:-1]).all())
     assert float(grid[0]) <= p.t_max and float(grid[-1]) == p.t_min and float(grid[-2]) >= p.t_eps
-    counting = Counting(model.net)
+    counting = CountingNet(model.net)
     counted = uf.DiffusionModel(counting, p, PATHS[path])
     x, info = uf.sample(counted, noise(8, 1), "dpmpp_2m", spacing=grid, return_info=True)
     assert info["nfe"] == nfe and counting.calls == nfe and torch.isfinite(x).all()
@@ -52,7 +40,7 @@ def test_nfe_is_counted_exactly_on_the_returned_grid(sampler, nfe):
     p = uf.paths.get("edm")
     model = MIX.model(p, "edm")
     grid = uf.samplers.optimize_grid(model, noise(16, 0), nfe, sampler, **FAST)
-    counting = Counting(model.net)
+    counting = CountingNet(model.net)
     _, info = uf.sample(uf.DiffusionModel(counting, p, "edm"), noise(8, 1), sampler, spacing=grid, return_info=True)
     assert info["nfe"] == nfe and counting.calls == nfe
     uf.sample(model, noise(8, 1), sampler, nfe, spacing=grid)  # the matching nfe is accepted

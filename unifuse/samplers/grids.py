@@ -293,7 +293,7 @@ def optimize_grid(model, noise: torch.Tensor, nfe: int, sampler: str = "dpmpp_2m
     Returns the grid t_0 > ... > t_K = t_min that `uf.sample(model, noise, sampler, spacing=grid)` takes
     (its cost there is exactly nfe); with return_info also a dict of the errors on the fitting batch."""
     from ..parameterization.kinds import defined_at_zero_snr
-    from ..sampling import _check_nfe, planned_grid
+    from ..sampling import _check_nfe, _grid_options, planned_grid
     from . import get
 
     spec = get(sampler)
@@ -307,10 +307,9 @@ def optimize_grid(model, noise: torch.Tensor, nfe: int, sampler: str = "dpmpp_2m
     first_steps = ("evaluated", "analytic") if first_step is None else (choose("first_step", first_step,
                                                                              ("evaluated", "analytic")),)
     zero_ok = defined_at_zero_snr(getattr(model, "prediction", None))
-    kw = dict(rho=7.0, shift=3.0, t_max=float(getattr(model, "t_max", path.t_max)), sigma_min=None, sigma_max=None)
-    default = default_grid(sampler, nfe)  # what uf.sample uses without a spacing
-    spacing = default.pop("spacing", spec.spacing)
-    kw.update(default, first_step="evaluated")
+    spacing, kw = _grid_options(model, sampler, nfe, None, dict(rho=7.0, shift=3.0, sigma_min=None, sigma_max=None),
+                                None)  # the default grid uf.sample uses without a spacing
+    kw["first_step"] = "evaluated"  # the noise end: where the reference starts
     start = float(planned_grid(path, sampler, nfe, spacing, kw, zero_ok, options)[0][0])  # the noise end
     table = gits_table(model, noise, candidates, max(1, reference_nfe // candidates), cond, start)
     inits = _starting_grids(path, sampler, nfe, spacing, kw, start, table, first_steps, zero_ok, options)

@@ -1,4 +1,5 @@
 """Exact oracles for tests and benchmarks (GAUSSIAN_ORACLE.md)."""
+from .counting import CountingNet
 from .oracle import GaussianMixture, OracleNet
 
-__all__ = ["GaussianMixture", "OracleNet"]
+__all__ = ["CountingNet", "GaussianMixture", "OracleNet"]
