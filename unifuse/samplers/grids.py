@@ -58,7 +58,8 @@ F64 = torch.float64
 # 0); among scores within 3% of the best the row kept the evaluated first step if it was among them, else took the
 # larger sigma_max (the analytic step's error on
 # data of scale s is ~ s^2 / (2 sigma_max^2)). It won at 3-5 NFE (digits FD 2.28 -> 0.83 at NFE 3, latent MNIST
-# 7.4 -> 2.2), lost from 8 on. A budget takes the row of the smallest listed nfe >= it;
+# 7.4 -> 2.2), lost from 8 on (`python bench/default_grids.py`, docs/benchmarks/default-grids.json).
+# A budget takes the row of the smallest listed nfe >= it;
 # LATE_ROW covers 21..50 (measured at 25, 35, 50: 1.0-1.5x the best, against 1.2-3.5x for the path's whole
 # range). Only rows up to FEW_STEP_MAX are used (below). None: the path's end.
 DEFAULT_TABLE = {
